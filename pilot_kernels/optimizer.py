@@ -1,0 +1,465 @@
+"""The PILoT optimizer: ``x = m ⊙ w`` trained with a time-varying weight decay α_t.
+
+Layout follows ``torch/optim/sgd.py``: the :class:`PILoT` class gathers tensors and
+state, :func:`pilot` is the functional step, and the backends in
+:mod:`pilot_kernels.kernels` do the arithmetic.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _sgd_functional
+
+from .init import split
+from .kernels import check_backend_name, get_step_fn, resolve_backend
+
+__all__ = ["PILoT", "pilot"]
+
+_REPARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Per-tensor state keys of a reparameterized tensor (all fp32, shaped like the param).
+_FACTOR_KEYS = ("m", "w")
+_MOMENTUM_KEYS = ("momentum_m", "momentum_w")
+
+
+def _check_hparams(group: dict) -> None:
+    """Raise a ValueError naming the fix for any invalid hyperparameter of ``group``."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("a Tensor lr must have exactly one element")
+    elif lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}; lr must be >= 0")
+    for name in ("momentum", "alpha", "beta", "weight_decay", "dampening"):
+        if group[name] < 0.0:
+            raise ValueError(f"Invalid {name}: {group[name]}; {name} must be >= 0")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            "Nesterov momentum requires a momentum > 0 and zero dampening; "
+            "set momentum > 0 and dampening=0, or nesterov=False"
+        )
+    if group["reparam"] not in ("auto", True, False):
+        raise ValueError(f"reparam must be 'auto', True or False, got {group['reparam']!r}")
+    check_backend_name(group["backend"])
+
+
+def _wants_reparam(p: Tensor, reparam: Union[str, bool]) -> bool:
+    return p.ndim >= 2 if reparam == "auto" else bool(reparam)
+
+
+def _check_param(p: Tensor, reparam: bool) -> None:
+    if p.is_complex():
+        raise TypeError(
+            f"PILoT does not support complex parameters (got {p.dtype}); "
+            "optimize torch.view_as_real(p) instead"
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"PILoT needs floating-point parameters, got {p.dtype}")
+    if reparam and p.dtype not in _REPARAM_DTYPES:
+        raise TypeError(
+            f"reparameterized tensors must be float32, bfloat16 or float16, got {p.dtype}; "
+            "convert the model (e.g. model.float()) or put the tensor in a group with reparam=False"
+        )
+
+
+class PILoT(Optimizer):
+    r"""PILoT: sparsifying SGD on ``x = m ⊙ w`` with a time-varying weight decay α_t.
+
+    A drop-in replacement for :class:`torch.optim.SGD`.  The model keeps its ordinary
+    parameters ``x``; for every *reparameterized* tensor the optimizer holds fp32
+    factors ``m, w`` (split from ``x`` at construction so that ``m² − w² = β``) and
+    their momentum buffers, and after each step writes ``x ← m ⊙ w`` back.  The
+    objective is :math:`f(m ⊙ w) + α (‖m‖² + ‖w‖²)`; a decaying α moves the implicit
+    bias from L2 (dense) to L1 (sparse).  With ``β = 0`` and constant α this is spred.
+
+    One step for a reparameterized tensor, elementwise, in fp32 (spec §3):
+
+    .. math::
+        \begin{aligned}
+        g &\leftarrow \nabla_x f \,/\, \text{grad\_scale}, \qquad g \leftarrow -g \text{ if maximize} \\
+        g &\leftarrow g + λ\, m w                                  && \text{(weight\_decay: L2 on } x) \\
+        d_m &= g\, w + 2α\, m, \qquad d_w = g\, m + 2α\, w         && \text{(old } m, w) \\
+        b &\leftarrow d \text{ (first step)}, \quad b \leftarrow μ b + (1-τ) d   && \text{(momentum, as SGD)} \\
+        d &\leftarrow d + μ b \text{ if nesterov else } b \\
+        m &\leftarrow m - η\, d_m, \qquad w \leftarrow w - η\, d_w \\
+        x &\leftarrow m w, \qquad \ell_1 \mathrel{+}= \textstyle\sum |m w|
+        \end{aligned}
+
+    Tensors that are not reparameterized (by default those with ``ndim < 2``: biases,
+    norms) follow :class:`torch.optim.SGD` exactly, with the same ``momentum_buffer``
+    state key.
+
+    Args:
+        params: parameters or param groups, as for any optimizer.
+        lr (float): learning rate η.
+        momentum (float): μ (default 0.9).
+        dampening (float): τ (default 0).
+        nesterov (bool): Nesterov momentum (default False).
+        alpha (float): the decay α on ``‖m‖² + ‖w‖²`` (default 0).  May change between
+            any two steps (schedules in :mod:`pilot_kernels.schedules` do this).
+        beta (float): the split ``m² − w² = β`` used when a tensor is added
+            (default 1, the paper's PILoT; 0 gives spred).
+        weight_decay (float): λ; plain L2 on ``x`` (on ``m ⊙ w`` for reparameterized
+            tensors, on ``x`` for the others, as SGD).
+        maximize (bool): maximize instead of minimize.
+        reparam ("auto" | bool): which tensors of a group are reparameterized;
+            ``"auto"`` takes those with ``ndim >= 2``.
+        backend ("auto" | "reference" | "triton" | "cuda"): ``auto`` takes the fused
+            Triton kernel for CUDA tensors and the plain-torch reference otherwise; the
+            environment variable ``PILOT_BACKEND`` overrides ``auto``.
+
+    State of a reparameterized tensor ``p``: ``state[p]["m"]``, ``state[p]["w"]`` and,
+    from its first step with momentum on, ``state[p]["momentum_m"]``,
+    ``state[p]["momentum_w"]``; all fp32 and shaped like ``p``.
+
+    AMP: ``torch.amp.GradScaler`` passes ``grad_scale``/``found_inf``; gradients are
+    unscaled inside the step and a step with inf/NaN gradients changes nothing,
+    without a host sync.
+
+    Example::
+
+        >>> opt = PILoT(model.parameters(), lr=0.1, momentum=0.9, alpha=1e-5)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> opt.l1_norm()   # Σ|m ⊙ w| as of the last step, on the device
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor],
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        alpha: float = 0.0,
+        beta: float = 1.0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        reparam: Union[str, bool] = "auto",
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            alpha=alpha,
+            beta=beta,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            reparam=reparam,
+            backend=backend,
+        )
+        _check_hparams(defaults)
+        # Σ|m ⊙ w| lives in two device slots per device: each step adds into one and
+        # zeroes the other, so the fused kernel needs no extra launch to clear it.
+        self._l1: dict[torch.device, Tensor] = {}
+        self._l1_latest: dict[torch.device, int] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its reparameterized tensors are split into ``m, w`` now and
+        overwritten with ``m ⊙ w``.  Invalid input raises before anything changes."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        merged = {**self.defaults, **param_group}
+        _check_hparams(merged)
+        for p in params:
+            if isinstance(p, Tensor):
+                _check_param(p, _wants_reparam(p, merged["reparam"]))
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        with torch.no_grad():
+            for p in group["params"]:
+                if _wants_reparam(p, group["reparam"]):
+                    self._split_into_state(p, group["beta"])
+
+    def _split_into_state(self, p: Tensor, beta: float) -> None:
+        m, w = split(p, beta)
+        state = self.state[p]
+        state["m"], state["w"] = m, w
+        p.copy_(m * w)
+        device = p.device
+        if device not in self._l1:
+            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
+            self._l1_latest[device] = 0
+        self._l1[device][self._l1_latest[device]] += (m * w).abs().sum()
+
+    @staticmethod
+    def is_reparameterized(state: dict) -> bool:
+        return "m" in state
+
+    # ------------------------------------------------------------------ L1
+    def l1_norm(self) -> Tensor:
+        """``Σ|m ⊙ w|`` over the reparameterized tensors, as of the last step.
+
+        Accumulated inside the step itself (no extra pass over memory) and returned as
+        a 0-dim fp32 tensor on the parameters' device, without a host sync.  Before the
+        first step it is the norm of the initial split.  Tensors without a gradient in
+        the last step do not contribute to it.
+        """
+        if not self._l1:
+            return torch.zeros((), dtype=torch.float32)
+        norms = [buf[self._l1_latest[d]].clone() for d, buf in self._l1.items()]
+        total = norms[0]
+        for n in norms[1:]:
+            total = total + n.to(total.device, non_blocking=True)
+        return total
+
+    # ------------------------------------------------------------------ step
+    def _check_step_inputs(self) -> None:
+        """Every check that can fail, before any tensor is touched."""
+        for group in self.param_groups:
+            _check_hparams(group)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "PILoT does not support sparse gradients; use dense gradients "
+                        "(e.g. nn.Embedding(sparse=False))"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_step_inputs()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+
+        stepped_devices: set[torch.device] = set()
+        for group in self.param_groups:
+            dense, dense_grads, dense_bufs = [], [], []
+            reparam: dict[tuple[torch.device, torch.dtype], dict[str, list]] = defaultdict(
+                lambda: defaultdict(list)
+            )
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not self.is_reparameterized(state):
+                    dense.append(p)
+                    dense_grads.append(p.grad)
+                    dense_bufs.append(state.get("momentum_buffer"))
+                    continue
+                bucket = reparam[(p.device, p.dtype)]
+                bucket["xs"].append(p)
+                bucket["grads"].append(p.grad)
+                bucket["ms"].append(state["m"])
+                bucket["ws"].append(state["w"])
+                if group["momentum"] != 0:
+                    bucket["firsts"].append("momentum_m" not in state)
+                    if "momentum_m" not in state:
+                        # Zeros, so that a first step skipped by AMP leaves a valid buffer.
+                        state["momentum_m"] = torch.zeros_like(state["m"])
+                        state["momentum_w"] = torch.zeros_like(state["w"])
+                    bucket["momentum_ms"].append(state["momentum_m"])
+                    bucket["momentum_ws"].append(state["momentum_w"])
+                else:
+                    bucket["firsts"].append(True)
+
+            if dense:
+                self._sgd_step(group, dense, dense_grads, dense_bufs, grad_scale, found_inf)
+
+            for (device, _dtype), b in reparam.items():
+                latest = self._l1_latest[device]
+                pilot(
+                    b["xs"],
+                    b["grads"],
+                    b["ms"],
+                    b["ws"],
+                    b["momentum_ms"] or None,
+                    b["momentum_ws"] or None,
+                    b["firsts"],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    alpha=group["alpha"],
+                    weight_decay=group["weight_decay"],
+                    maximize=group["maximize"],
+                    backend=group["backend"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    l1_accum=self._l1[device][1 - latest],
+                    l1_clear=self._l1[device][latest],
+                )
+                stepped_devices.add(device)
+        for device in stepped_devices:
+            self._l1_latest[device] = 1 - self._l1_latest[device]
+        return loss
+
+    def _sgd_step(self, group, params, grads, bufs, grad_scale, found_inf) -> None:
+        """torch.optim.SGD's own functional step for the tensors that are not split."""
+        amp = grad_scale is not None or found_inf is not None
+        _sgd_functional(
+            params,
+            grads,
+            bufs,
+            # Only the fused SGD kernels take grad_scale/found_inf.
+            fused=True if amp else None,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
+
+    # ------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        ``m``, ``w`` and their momentum buffers stay fp32 whatever the parameters'
+        dtype (``torch.optim.Optimizer`` would cast them to it), and every
+        reparameterized parameter is overwritten with ``m ⊙ w`` so the model and the
+        optimizer agree.  A state_dict that does not match the parameters raises a
+        ValueError before anything changes.
+        """
+        self._check_loadable(state_dict)
+        ours: dict[int, dict[str, Tensor]] = {}
+        plain_state: dict[Any, dict[str, Any]] = {}
+        for k, s in state_dict["state"].items():
+            plain_state[k] = {n: v for n, v in s.items() if n not in _FACTOR_KEYS + _MOMENTUM_KEYS}
+            ours[k] = {n: v for n, v in s.items() if n in _FACTOR_KEYS + _MOMENTUM_KEYS}
+        super().load_state_dict({**state_dict, "state": plain_state})
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        id_to_param = dict(zip(saved_ids, params))
+        with torch.no_grad():
+            for k, tensors in ours.items():
+                if not tensors:
+                    continue
+                p = id_to_param[k]
+                state = self.state[p]
+                for n, v in tensors.items():
+                    state[n] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                p.copy_(state["m"] * state["w"])
+        self._reset_l1()
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups but the optimizer has "
+                f"{len(groups)}; build the optimizer with the same groups as the saved one"
+            )
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(g['params'])} tensors but the state_dict's has "
+                    f"{len(sg['params'])}; the model or its grouping differs from the saved one"
+                )
+        params = [p for g in groups for p in g["params"]]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid, {})
+            ours_now = self.is_reparameterized(self.state[p])
+            theirs = "m" in saved
+            if ours_now != theirs:
+                raise ValueError(
+                    f"tensor {pid} (shape {tuple(p.shape)}) is "
+                    f"{'' if theirs else 'not '}reparameterized in the state_dict but "
+                    f"{'' if ours_now else 'not '}in this optimizer; use the same reparam setting"
+                )
+            for n in _FACTOR_KEYS + _MOMENTUM_KEYS + ("momentum_buffer",):
+                v = saved.get(n)
+                if isinstance(v, Tensor) and v.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict entry {n!r} of tensor {pid} has shape {tuple(v.shape)} but the "
+                        f"parameter has shape {tuple(p.shape)}; the model differs from the saved one"
+                    )
+            if theirs and "w" not in saved:
+                raise ValueError(f"state_dict entry of tensor {pid} has 'm' but no 'w'")
+
+    def _reset_l1(self) -> None:
+        """Recompute the L1 accumulators from the (newly loaded) factors."""
+        self._l1.clear()
+        self._l1_latest.clear()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    if self.is_reparameterized(state):
+                        device = p.device
+                        if device not in self._l1:
+                            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
+                            self._l1_latest[device] = 0
+                        self._l1[device][0] += (state["m"] * state["w"]).abs().sum()
+
+
+def pilot(
+    xs: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    ws: list[Tensor],
+    momentum_ms: Optional[list[Tensor]],
+    momentum_ws: Optional[list[Tensor]],
+    firsts: list[bool],
+    *,
+    lr: Union[float, Tensor],
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    alpha: float,
+    weight_decay: float,
+    maximize: bool,
+    backend: str = "auto",
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    l1_accum: Optional[Tensor] = None,
+    l1_clear: Optional[Tensor] = None,
+) -> None:
+    """Functional PILoT step for reparameterized tensors on one device with one dtype.
+
+    See :class:`PILoT` for the update and
+    :func:`pilot_kernels.kernels.reference.pilot_step` for the arguments.
+    """
+    if not xs:
+        return
+    device = xs[0].device
+    step_fn = get_step_fn(resolve_backend(backend, device))
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device, non_blocking=True)
+    if isinstance(lr, Tensor):
+        lr = lr.item()
+    step_fn(
+        xs,
+        grads,
+        ms,
+        ws,
+        momentum_ms,
+        momentum_ws,
+        firsts,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        alpha=alpha,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        l1_accum=l1_accum,
+        l1_clear=l1_clear,
+    )

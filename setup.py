@@ -1,0 +1,69 @@
+"""Install pilot_kernels.
+
+The package is pure Python (the Triton kernel is compiled just in time).  The CUDA C++
+twin in ``csrc/`` is optional:
+
+* ``PILOT_BUILD_CUDA=1 pip install -e .`` builds it ahead of time with ninja
+  (``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured as in any torch extension);
+* otherwise ``PILoT(..., backend="cuda")`` builds it on first use and caches it.
+
+A machine without nvcc or CUDA always gets a working install.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    with open(os.path.join(ROOT, "pilot_kernels", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in pilot_kernels/__init__.py")
+
+
+def _cuda_extension():
+    """The ahead-of-time CUDA build, only when PILOT_BUILD_CUDA=1 asks for it."""
+    if os.environ.get("PILOT_BUILD_CUDA", "0") != "1":
+        return [], {}
+    from pilot_kernels.kernels.cuda_build import extension_for_setup
+
+    ext, build_ext = extension_for_setup()
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="pilot_kernels",
+    version=_version(),
+    description="PILoT (Mask in the Mirror, ICLR 2025) as a fused, drop-in PyTorch optimizer",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pilot_kernels", "pilot_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # Triton ships Linux wheels only; elsewhere the reference backend is used.
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "plots": ["matplotlib>=3.7"],
+        "train": ["torchvision>=0.19", "scikit-learn>=1.2", "matplotlib>=3.7", "pillow>=9"],
+        "cuda": ["ninja>=1.11"],
+        "test": [
+            "pytest>=7.4",
+            "torchvision>=0.19",
+            "scikit-learn>=1.2",
+            "matplotlib>=3.7",
+            "pillow>=9",
+            "ninja>=1.11",
+        ],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
