@@ -3,7 +3,7 @@
 The package is pure Python (the Triton kernel is compiled just in time).  The CUDA C++
 twin in ``csrc/`` is optional:
 
-* ``PILOT_BUILD_CUDA=1 pip install -e .`` builds it ahead of time with ninja
+* ``PILOT_BUILD_CUDA=1 pip install -e . --no-build-isolation`` builds it ahead of time with ninja
   (``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured as in any torch extension);
 * otherwise ``PILoT(..., backend="cuda")`` builds it on first use and caches it.
 
@@ -28,6 +28,11 @@ def _cuda_extension():
     """The ahead-of-time CUDA build, only when PILOT_BUILD_CUDA=1 asks for it."""
     if os.environ.get("PILOT_BUILD_CUDA", "0") != "1":
         return [], {}
+    # This checkout's description of the build (not an installed pilot_kernels); it needs
+    # the torch that the extension is built for, hence pip's --no-build-isolation.
+    import sys
+
+    sys.path.insert(0, ROOT)
     from pilot_kernels.kernels.cuda_build import extension_for_setup
 
     ext, build_ext = extension_for_setup()
@@ -43,7 +48,11 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pilot_kernels", "pilot_kernels.*"]),
+    # csrc/ ships inside the package as pilot_kernels/_csrc, so an installed (non-editable)
+    # pilot_kernels can still build the cuda backend just in time.
+    packages=find_packages(include=["pilot_kernels", "pilot_kernels.*"]) + ["pilot_kernels._csrc"],
+    package_dir={"pilot_kernels._csrc": "csrc"},
+    package_data={"pilot_kernels._csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     install_requires=[
         "torch>=2.4",
         # Triton ships Linux wheels only; elsewhere the reference backend is used.

@@ -1,0 +1,285 @@
+"""Helpers shared by ``bench_step.py`` and ``bench_training.py`` (one copy of each):
+
+* :func:`environment` — the record of where a result was measured (device, driver,
+  library versions, git commit) that goes into every results file;
+* :func:`bytes_per_element` / :func:`step_bytes` — the analytic memory traffic of one
+  optimizer step (spec §3: 40 B/element for fp32 PILoT with momentum, 20 for dense SGD);
+* :func:`write_results` — the results-file convention: ``<stem>.json`` (environment,
+  arguments, rows, extras) and ``<stem>.csv`` (the rows) in one folder;
+* :func:`import_torchvision_models` — ``torchvision.models``, also where torchvision's
+  compiled extension does not match the installed torch.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# fp32 state of a reparameterized tensor: m, w and (with momentum) b_m, b_w.
+_STATE_BYTES = 4
+
+
+# --------------------------------------------------------------------- analytic bytes
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_element(algorithm: str, dtype: torch.dtype = torch.float32, momentum: bool = True) -> int:
+    """Fewest bytes one optimizer step must move per element (each input read once,
+    each output written once).
+
+    ``"pilot"`` (spec §3): read ``g``; read and write ``m, w`` and, with momentum,
+    ``b_m, b_w`` (all fp32); write ``x`` (never read, it is recomputed).  ``g`` and ``x``
+    are in the parameter's dtype: fp32 → 4 + 2·8 + 2·8 + 4 = 40 bytes; bf16 → 36.
+
+    ``"sgd"`` (``torch.optim.SGD``, fused): read ``g``; read and write ``p`` and, with
+    momentum, its buffer, all in the parameter's dtype: fp32 → 20 bytes; bf16 → 10.
+    """
+    s = _itemsize(dtype)
+    if algorithm == "pilot":
+        n_state = 4 if momentum else 2
+        return s + 2 * n_state * _STATE_BYTES + s
+    if algorithm == "sgd":
+        return s + 2 * s + (2 * s if momentum else 0)
+    raise ValueError(f"algorithm must be 'pilot' or 'sgd', got {algorithm!r}")
+
+
+def is_reparameterized(shape: Sequence[int]) -> bool:
+    """PILoT's default rule (``reparam="auto"``): tensors with ``ndim >= 2`` are split."""
+    return len(shape) >= 2
+
+
+def step_bytes(
+    shapes: Iterable[Sequence[int]],
+    algorithm: str,
+    dtype: torch.dtype = torch.float32,
+    momentum: bool = True,
+) -> int:
+    """Analytic bytes of one step over tensors of ``shapes``.
+
+    ``"pilot"``: reparameterized tensors (``ndim >= 2``) at PILoT's rate, the rest
+    (biases, norms) at dense SGD's, as :class:`pilot_kernels.PILoT` treats them.
+    ``"sgd"``: every tensor at dense SGD's rate.
+    """
+    pilot_b = bytes_per_element("pilot", dtype, momentum)
+    sgd_b = bytes_per_element("sgd", dtype, momentum)
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        total += n * (pilot_b if algorithm == "pilot" and is_reparameterized(shape) else sgd_b)
+    return total
+
+
+# --------------------------------------------------------------------- environment
+def _run(cmd: list[str], cwd: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        pass
+    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0].strip() if out else None
+
+
+def git_commit() -> dict[str, Any]:
+    """HEAD of the repository the benchmarks live in, and whether tracked files differ
+    from it (``None`` where there is no git checkout, e.g. a copied working tree)."""
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    if commit is None:
+        return {"commit": os.environ.get("PILOT_GIT_COMMIT"), "dirty": None}
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Everything needed to tell where and with what a result was measured."""
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": _cpu_name(),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "torchvision": _version("torchvision"),
+        "numpy": _version("numpy"),
+        "pilot_kernels": _version("pilot_kernels"),
+        "cuda_runtime": torch.version.cuda,
+        "env_TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "env_PILOT_BACKEND": os.environ.get("PILOT_BACKEND"),
+        **{f"git_{k}": v for k, v in git_commit().items()},
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        env.update(
+            device_name=props.name,
+            driver=_driver_version(),
+            compute_capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            device_memory_gib=round(props.total_memory / 2**30, 2),
+            l2_cache_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None,
+        )
+    else:
+        env.update(device_name=env["cpu"], driver=None)
+    return env
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    """A short file-name-safe device label: ``nvidia-h100-80gb-hbm3``, ``cpu``."""
+    if env["device_type"] != "cuda":
+        return env["device_type"]
+    return re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
+
+
+# --------------------------------------------------------------------- results files
+def results_stem(script: str, env: dict[str, Any], quick: bool) -> str:
+    """``<script>-<device>-<UTC time>``; a CPU quick run is named ``cpu-smoke-<script>-…``
+    so that it can never be mistaken for a measurement."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if env["device_type"] != "cuda" and quick:
+        return f"cpu-smoke-{script}-{stamp}"
+    return f"{script}-{device_slug(env)}-{stamp}"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (torch.dtype, torch.device, Path)):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_results(
+    out_dir: Path | str,
+    stem: str,
+    rows: list[dict[str, Any]],
+    *,
+    env: dict[str, Any],
+    args: dict[str, Any],
+    columns: Sequence[str],
+    extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Path]:
+    """Write ``<stem>.csv`` (one line per row, ``columns`` in order) and ``<stem>.json``
+    (``{"environment", "args", "columns", "rows", **extra}``); return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    payload = {"environment": env, "args": args, "columns": list(columns), "rows": rows, **(extra or {})}
+    with open(json_path, "w") as f:
+        json.dump(_jsonable(payload), f, indent=2)
+        f.write("\n")
+    return {"csv": csv_path, "json": json_path}
+
+
+# --------------------------------------------------------------------- torchvision
+_TV_SHIM: Optional[torch.library.Library] = None
+
+
+def import_torchvision_models():
+    """``torchvision.models``.
+
+    Some environments pair a CPU-only torch with a torchvision wheel built for CUDA:
+    its compiled extension cannot load, and ``import torchvision`` then fails while
+    registering fake kernels for ``torchvision::nms``/``qnms`` ("operator
+    torchvision::nms does not exist").  The model definitions are pure Python and need
+    none of the compiled ops, so in that one case the two schemas are declared (no
+    kernels) and the import retried.  Any other import error is raised as is.
+    """
+    global _TV_SHIM
+    try:
+        import torchvision.models as models
+
+        return models
+    except RuntimeError as e:
+        if not re.search(r"operator torchvision::q?nms does not exist", str(e)):
+            raise
+    _TV_SHIM = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        _TV_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    import torchvision.models as models
+
+    return models
+
+
+# --------------------------------------------------------------------- small utilities
+def parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """One line naming an exception, for the ``status`` column."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

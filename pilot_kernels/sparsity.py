@@ -1,0 +1,416 @@
+r"""Measuring and using the sparsity PILoT produces (spec §6).
+
+Training drives many entries of ``x = m ⊙ w`` towards zero but rarely to exactly zero.
+As in the paper (and spred), sparsity is read off by post-hoc magnitude pruning without
+fine-tuning: prune the fraction ``s`` of entries with the smallest ``|x|``, evaluate,
+for a sweep of ``s`` (:func:`spred_sparsities`).
+
+Every function here works on the *reparameterized* tensors of a model.  With the
+:class:`~pilot_kernels.PILoT` optimizer passed, those are the model's parameters ``p``
+whose optimizer state holds factors (``"m" in optimizer.state[p]``); without one, the
+tensors with ``ndim >= 2`` (PILoT's ``reparam="auto"``).  Names are the model's
+``named_parameters()`` names.
+
+* :func:`sparsity_report` — per-tensor and global fraction of ``|x| <= threshold``.
+* :func:`prune_` — zero the smallest-``|x|`` fraction in place, keeping ``x``, ``m``,
+  ``w`` and the momentum buffers consistent, so that the pruned entries stay exactly zero
+  under further PILoT steps without any mask.
+* :func:`sweep` — prune to each sparsity, evaluate, restore bit-exactly.
+* :func:`export_state_dict` — a plain ``state_dict`` (CPU copies) with exact zeros that
+  loads into the unmodified model.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Callable, Iterable, Optional, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .optimizer import _FACTOR_KEYS, _MOMENTUM_KEYS
+
+__all__ = [
+    "SparsityReport",
+    "sparsity_report",
+    "prune_",
+    "sweep",
+    "spred_sparsities",
+    "export_state_dict",
+]
+
+T = TypeVar("T")
+
+_SCOPES = ("global", "layer")
+# Per-tensor optimizer state that pruning zeroes along with x.
+_PRUNED_STATE_KEYS = _FACTOR_KEYS + _MOMENTUM_KEYS
+
+
+# ---------------------------------------------------------------------- validation
+def _targets(model: nn.Module, optimizer: Optional[Optimizer]) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` of every reparameterized tensor of ``model``, or a ValueError."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (for the tensor names), got {type(model).__name__}")
+    named = list(model.named_parameters())
+    if optimizer is None:
+        targets = [(n, p) for n, p in named if p.ndim >= 2]
+        if not targets:
+            raise ValueError(
+                "the model has no tensors with ndim >= 2 to count or prune; pass the PILoT "
+                "optimizer to use its reparameterized tensors instead"
+            )
+        return targets
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in owned for _, p in named):
+        raise ValueError(
+            f"the {type(optimizer).__name__} holds none of the model's parameters; pass the "
+            "optimizer built from this model's parameters() (not from a copy of the model)"
+        )
+    # optimizer.state is a defaultdict: look up without inserting.
+    targets = [(n, p) for n, p in named if id(p) in owned and "m" in optimizer.state.get(p, {})]
+    if not targets:
+        raise ValueError(
+            f"the {type(optimizer).__name__} reparameterizes none of the model's tensors; pass "
+            "the pilot_kernels.PILoT optimizer that trains this model, or optimizer=None to "
+            "treat the tensors with ndim >= 2 as reparameterized"
+        )
+    return targets
+
+
+def _check_sparsity(sparsity: Any) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(
+            f"sparsity must be a fraction in [0, 1] (0.9 zeroes 90% of the entries), got {sparsity!r}"
+        )
+    return float(sparsity)
+
+
+def _check_scope(scope: Any) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(
+            f"scope must be 'global' (one magnitude ranking over all tensors) or 'layer' "
+            f"(the same fraction in every tensor), got {scope!r}"
+        )
+
+
+def _check_threshold(threshold: Any) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not threshold >= 0.0:
+        raise ValueError(f"threshold must be a number >= 0 (|x| <= threshold counts as zero), got {threshold!r}")
+    return float(threshold)
+
+
+# ---------------------------------------------------------------------- selection
+def _magnitudes(p: Tensor) -> Tensor:
+    """``|x|`` flattened, in fp32; NaN ranks as the largest magnitude (pruned last)."""
+    a = p.detach().abs().float().flatten()
+    return torch.where(torch.isnan(a), torch.full_like(a, math.inf), a)
+
+
+def _smallest(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly ``k`` smallest entries of the 1-D ``scores``.
+
+    The ``k``-th smallest value ``t`` comes from ``kthvalue``; all entries ``< t`` are
+    taken, and of the entries ``== t`` the first ones in flat order, as many as needed.
+    Deterministic and without a host sync.
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    kth = scores.kthvalue(k).values
+    below = scores < kth
+    ties = scores == kth
+    needed = k - below.sum()
+    return below | (ties & (ties.cumsum(0) <= needed))
+
+
+def _keep_masks(params: list[Tensor], sparsity: float, scope: str) -> list[Tensor]:
+    """Keep-masks (``True`` = kept) pruning ``round(sparsity · n)`` smallest-``|x|``
+    entries, over all ``params`` together (``"global"``) or per tensor (``"layer"``)."""
+    if scope == "layer":
+        return [~_smallest(_magnitudes(p), round(sparsity * p.numel())).view_as(p) for p in params]
+    device = params[0].device
+    scores = torch.cat([_magnitudes(p).to(device) for p in params])
+    pruned = _smallest(scores, round(sparsity * scores.numel()))
+    chunks = pruned.split([p.numel() for p in params])
+    return [~c.view_as(p).to(p.device) for c, p in zip(chunks, params)]
+
+
+# ---------------------------------------------------------------------- L1 bookkeeping
+def _refresh_l1(optimizer: Optional[Optimizer]) -> None:
+    """Make ``PILoT.l1_norm()`` reflect factors changed outside a step."""
+    reset = getattr(optimizer, "_reset_l1", None)
+    if reset is not None:
+        reset()
+
+
+def _save_l1(optimizer: Optional[Optimizer]) -> Optional[tuple[dict, dict]]:
+    if optimizer is None or not hasattr(optimizer, "_l1"):
+        return None
+    return {d: t.clone() for d, t in optimizer._l1.items()}, dict(optimizer._l1_latest)
+
+
+def _restore_l1(optimizer: Optional[Optimizer], saved: Optional[tuple[dict, dict]]) -> None:
+    if saved is None:
+        return
+    optimizer._l1.clear()
+    optimizer._l1.update({d: t.clone() for d, t in saved[0].items()})
+    optimizer._l1_latest.clear()
+    optimizer._l1_latest.update(saved[1])
+
+
+# ---------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class SparsityReport:
+    """Sparsity of the reparameterized tensors: the fraction of entries with
+    ``|x| <= threshold``, per tensor and over all of them.
+
+    Attributes:
+        threshold: magnitude at or below which an entry counts as zero.
+        layer_zeros: tensor name → number of entries with ``|x| <= threshold``.
+        layer_numel: tensor name → number of entries.
+    """
+
+    threshold: float
+    layer_zeros: dict[str, int]
+    layer_numel: dict[str, int]
+
+    @property
+    def layer_sparsity(self) -> dict[str, float]:
+        """Tensor name → fraction of its entries counted as zero."""
+        return {n: self.layer_zeros[n] / self.layer_numel[n] if self.layer_numel[n] else 0.0
+                for n in self.layer_numel}
+
+    @property
+    def zeros(self) -> int:
+        """Entries counted as zero over all reparameterized tensors."""
+        return sum(self.layer_zeros.values())
+
+    @property
+    def numel(self) -> int:
+        """Entries of all reparameterized tensors."""
+        return sum(self.layer_numel.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Global fraction ``zeros / numel``."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def format(self) -> str:
+        """A plain-text table: one row per tensor and a ``global`` row."""
+        rows = [(n, self.layer_numel[n], self.layer_zeros[n], s) for n, s in self.layer_sparsity.items()]
+        rows.append(("global", self.numel, self.zeros, self.sparsity))
+        width = max(len("tensor"), *(len(r[0]) for r in rows))
+        lines = [f"{'tensor':<{width}}  {'numel':>12}  {'zeros':>12}  {'sparsity':>9}"]
+        for i, (name, numel, zeros, frac) in enumerate(rows):
+            if i == len(rows) - 1:
+                lines.append("-" * len(lines[0]))
+            lines.append(f"{name:<{width}}  {numel:>12d}  {zeros:>12d}  {100 * frac:>8.2f}%")
+        lines.append(f"(an entry counts as zero when |x| <= {self.threshold:g})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@torch.no_grad()
+def sparsity_report(
+    model: nn.Module, optimizer: Optional[Optimizer] = None, threshold: float = 0.0
+) -> SparsityReport:
+    """Count the entries of the reparameterized tensors with ``|x| <= threshold``.
+
+    Args:
+        model: the model (its ``named_parameters()`` give the names).
+        optimizer: the :class:`~pilot_kernels.PILoT` training it; ``None`` counts the
+            tensors with ``ndim >= 2``.
+        threshold: magnitude counted as zero (default 0: exact zeros only).
+
+    Returns:
+        A :class:`SparsityReport`; ``print(report)`` shows a table.
+    """
+    threshold = _check_threshold(threshold)
+    targets = _targets(model, optimizer)
+    zeros = [(p.detach().abs() <= threshold).sum() for _, p in targets]
+    return SparsityReport(
+        threshold=threshold,
+        layer_zeros={n: int(z) for (n, _), z in zip(targets, zeros)},
+        layer_numel={n: p.numel() for n, p in targets},
+    )
+
+
+# ---------------------------------------------------------------------- pruning
+@torch.no_grad()
+def prune_(
+    model: nn.Module,
+    optimizer: Optional[Optimizer] = None,
+    sparsity: float = 0.9,
+    scope: str = "global",
+) -> dict[str, Tensor]:
+    r"""Zero the ``sparsity`` fraction of smallest-``|x|`` entries, in place.
+
+    Exactly ``round(sparsity · n)`` entries are pruned, where ``n`` counts the entries
+    of all reparameterized tensors (``scope="global"``: one ranking over the whole
+    model) or of each tensor separately (``scope="layer"``).  Ties at the threshold
+    magnitude are broken by position (earlier tensors, then lower flat index, first),
+    so the result is deterministic.  NaN entries rank last.
+
+    With the PILoT optimizer passed, the pruned entries are set to zero in ``x``, in
+    both factors ``m, w`` and in both momentum buffers, so ``x == m ⊙ w`` still holds
+    and the entries **stay exactly zero in every later PILoT step, with no mask**: for
+    ``m = w = 0`` the update (spec §3)
+
+    .. math::
+        d_m = (g + λ m w)\, w + 2α\, m = 0, \qquad d_w = (g + λ m w)\, m + 2α\, w = 0
+
+    vanishes whatever the gradient ``g``, weight decay ``λ`` and ``α``, and with zero
+    momentum buffers ``b ← μ b + (1−τ) d = 0`` too (also with Nesterov).  Plain SGD on
+    ``x`` (no optimizer passed) has no such fixed point: there the zeros only last until
+    the next update.  ``optimizer.l1_norm()`` is refreshed to the pruned weights.
+
+    Args:
+        model: the model.
+        optimizer: the :class:`~pilot_kernels.PILoT` training it, or ``None`` to prune
+            the tensors with ``ndim >= 2`` (``x`` only).
+        sparsity: fraction in ``[0, 1]`` to prune.
+        scope: ``"global"`` or ``"layer"``.
+
+    Returns:
+        tensor name → boolean keep-mask (``True`` where the entry was kept), shaped
+        like the tensor and on its device.
+
+    Raises:
+        ValueError: bad ``sparsity`` or ``scope``, or an optimizer that does not train
+            this model; nothing is changed then.
+    """
+    sparsity = _check_sparsity(sparsity)
+    _check_scope(scope)
+    targets = _targets(model, optimizer)
+    params = [p for _, p in targets]
+    keeps = _keep_masks(params, sparsity, scope)
+    for p, keep in zip(params, keeps):
+        drop = ~keep
+        p.masked_fill_(drop, 0)
+        if optimizer is not None:
+            state = optimizer.state[p]
+            for key in _PRUNED_STATE_KEYS:
+                if key in state:
+                    state[key].masked_fill_(drop, 0)
+    _refresh_l1(optimizer)
+    return {n: keep for (n, _), keep in zip(targets, keeps)}
+
+
+def sweep(
+    model: nn.Module,
+    optimizer: Optional[Optimizer],
+    fn: Callable[[], T],
+    sparsities: Iterable[float],
+    scope: str = "global",
+) -> list[tuple[float, float, T]]:
+    """Evaluate ``fn()`` after pruning to each sparsity, restoring the model each time.
+
+    For each ``s`` in ``sparsities``: :func:`prune_` to ``s`` in place, measure the
+    global fraction of exact zeros, call ``fn()``, then restore ``x``, ``m``, ``w``,
+    the momentum buffers and the optimizer's L1 accumulator bit-exactly — also when
+    ``fn`` raises.  Only the reparameterized tensors are saved and restored; whatever
+    ``fn`` itself changes (e.g. BatchNorm statistics in train mode) is its business.
+
+    Args:
+        model, optimizer, scope: as for :func:`prune_`.
+        fn: called with no arguments, e.g. ``lambda: evaluate(model, val_loader)``.
+        sparsities: fractions in ``[0, 1]``, e.g. :func:`spred_sparsities()`.
+
+    Returns:
+        ``[(s, measured_sparsity, fn_result), ...]``; the measured sparsity can exceed
+        ``s`` where entries were already zero.
+    """
+    sparsities = [_check_sparsity(s) for s in sparsities]
+    _check_scope(scope)
+    params = [p for _, p in _targets(model, optimizer)]
+    saved = []
+    for p in params:
+        saved.append((p, p.detach().clone()))
+        if optimizer is not None:
+            state = optimizer.state[p]
+            saved.extend((state[k], state[k].clone()) for k in _PRUNED_STATE_KEYS if k in state)
+    saved_l1 = _save_l1(optimizer)
+
+    results = []
+    for s in sparsities:
+        try:
+            prune_(model, optimizer, s, scope)
+            measured = sparsity_report(model, optimizer).sparsity
+            results.append((s, measured, fn()))
+        finally:
+            with torch.no_grad():
+                for tensor, copy in saved:
+                    tensor.copy_(copy)
+            pass
+    return results
+
+
+def spred_sparsities(cs: Iterable[float] = range(0, 7)) -> list[float]:
+    """spred's sweep ``[1 − 10^(−c) for c in cs]``: 0, 0.9, 0.99, …, 0.999999 by default."""
+    out = []
+    for c in cs:
+        if isinstance(c, bool) or not isinstance(c, Real) or not c >= 0:
+            raise ValueError(f"every c must be a number >= 0 (sparsity 1 − 10^(−c) in [0, 1)), got {c!r}")
+        out.append(1.0 - 10.0 ** (-c))
+    return out
+
+
+@torch.no_grad()
+def export_state_dict(
+    model: nn.Module,
+    optimizer: Optional[Optimizer] = None,
+    sparsity: Optional[float] = None,
+    threshold: Optional[float] = None,
+    scope: str = "global",
+) -> "OrderedDict[str, Any]":
+    """A plain ``model.state_dict()`` (CPU copies) whose pruned entries are exact zeros.
+
+    The model is not modified.  Pruned entries are chosen among the reparameterized
+    tensors either as in :func:`prune_` (``sparsity``, ``scope``) or as the entries
+    with ``|x| <= threshold``; with neither, the tensors are copied as they are.  The
+    result loads into the unmodified model class with ``load_state_dict(strict=True)``
+    (tied parameters are zeroed under every key that refers to them).
+
+    Args:
+        model, optimizer, scope: as for :func:`prune_`.
+        sparsity: fraction in ``[0, 1]`` to prune by magnitude ranking.
+        threshold: prune the entries with ``|x| <= threshold`` instead.
+
+    Raises:
+        ValueError: both ``sparsity`` and ``threshold`` given, or a bad value.
+    """
+    if sparsity is not None and threshold is not None:
+        raise ValueError("pass either sparsity (a fraction to prune) or threshold (a magnitude), not both")
+    _check_scope(scope)
+    targets = _targets(model, optimizer)
+    params = [p for _, p in targets]
+    if sparsity is not None:
+        keeps = _keep_masks(params, _check_sparsity(sparsity), scope)
+    elif threshold is not None:
+        threshold = _check_threshold(threshold)
+        keeps = [~(p.detach().abs() <= threshold) for p in params]
+    else:
+        keeps = [None] * len(params)
+    keep_by_id = {id(p): keep for p, keep in zip(params, keeps)}
+
+    live = model.state_dict(keep_vars=True)
+    out: OrderedDict[str, Any] = OrderedDict()
+    for key, value in live.items():
+        if isinstance(value, Tensor):
+            copy = value.detach().to("cpu", copy=True)
+            keep = keep_by_id.get(id(value))
+            if keep is not None:
+                copy.masked_fill_(~keep.cpu(), 0)
+            value = copy
+        out[key] = value
+    metadata = getattr(live, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out

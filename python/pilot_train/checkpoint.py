@@ -1,0 +1,106 @@
+"""Atomic checkpoints and the RNG states that make a resumed run continue exactly.
+
+A checkpoint is written to a temporary file in the same directory, flushed and
+fsync'ed, then moved over the old one with ``os.replace`` (atomic on POSIX), and the
+directory is fsync'ed.  A crash or kill at any point leaves either the previous
+checkpoint or the new one, never a partial file under the checkpoint's name.
+
+Everything stored is plain tensors, numbers, strings, lists and dicts, so checkpoints
+load with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional[str]:
+    """The checkpoint ``--resume`` names: a path, or ``auto`` = the output dir's latest
+    checkpoint if there is one (else a fresh start)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        if not output_dir:
+            raise ValueError("--resume auto needs --output-dir (it looks for the checkpoint there)")
+        path = os.path.join(output_dir, CHECKPOINT_NAME)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
+    return resume
+
+
+# ---------------------------------------------------------------------- RNG states
+def rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, numpy and python RNG states (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device

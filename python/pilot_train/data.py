@@ -1,0 +1,211 @@
+"""Data: ImageNet-style ImageFolder, the embedded digits set, and a synthetic batch.
+
+* ``--data-path DIR`` — ``DIR/train`` and ``DIR/val`` in ImageFolder layout, with the
+  standard ImageNet transforms (RandomResizedCrop + horizontal flip for training,
+  Resize + CenterCrop for validation, ImageNet mean/std).  A file PIL cannot read
+  raises :class:`ImageLoadError` naming it.
+* no ``--data-path`` — the handwritten digits shipped inside scikit-learn
+  (``sklearn.datasets.load_digits``: 1,797 real 8×8 grey images, 10 classes), upscaled,
+  split 80/20 with a fixed seed (stratified), augmented by random shifts.  Needs no
+  download; the whole set lives in memory.
+* ``--synthetic`` — one random batch resident on the device, served again and again
+  (for throughput measurements; accuracy is meaningless).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .compat import import_torchvision
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_SPLIT_SEED = 0
+DIGITS_VAL_FRACTION = 0.2
+
+
+class ImageLoadError(RuntimeError):
+    """An image file could not be read; the message names the file."""
+
+
+def pil_loader_naming_path(path: str):
+    """torchvision's PIL loader (``RGB``), re-raising any failure with the file's path."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # forces the decode while the file is open
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise ImageLoadError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------- embedded digits
+class DigitsDataset(Dataset):
+    """In-memory digit images ``(N, C, S, S)`` (already normalized) and labels.
+
+    Training samples are shifted by up to ``shift`` pixels in each direction (padding
+    with the background value), drawn from torch's global RNG — which the data loader
+    seeds per worker and the checkpoints save, so runs are reproducible and resumable.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, shift: int, background: float):
+        self.images, self.labels = images, labels
+        self.train, self.shift, self.background = train, shift, background
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.train and self.shift > 0:
+            s = self.shift
+            size = img.shape[-1]
+            padded = F.pad(img, (s, s, s, s), value=self.background)
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            img = padded[:, dy : dy + size, dx : dx + size]
+        return img, int(self.labels[i])
+
+
+def load_digits_split(image_size: int = 16, channels: int = 1, shift: int = 2):
+    """The embedded default: sklearn's digits, upscaled to ``image_size`` and split 80/20.
+
+    Returns ``(train_set, val_set, num_classes)``.  ``channels=3`` repeats the grey
+    channel (for torchvision models).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    idx = torch.arange(len(labels)).numpy()
+    train_idx, val_idx = train_test_split(
+        idx, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels.numpy()
+    )
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
+    images = (images - mean) / std
+    if channels != 1:
+        images = images.expand(-1, channels, -1, -1).contiguous()
+    background = (0.0 - mean) / std
+    train = DigitsDataset(images[train_idx], labels[train_idx], True, shift, background)
+    val = DigitsDataset(images[val_idx], labels[val_idx], False, 0, background)
+    return train, val, 10
+
+
+# ---------------------------------------------------------------------- ImageFolder
+def imagefolder_splits(root: str, train_crop: int = 224, val_resize: int = 256, val_crop: int = 224):
+    """``root/train`` and ``root/val`` as ImageFolders with the ImageNet transforms."""
+    tv = import_torchvision()
+    T = tv.transforms
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(train_crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    val_tf = T.Compose([T.Resize(val_resize), T.CenterCrop(val_crop), T.ToTensor(), normalize])
+    sets = []
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"--data-path {root!r} has no {split}/ folder; expected {root}/train/<class>/<image> "
+                f"and {root}/val/<class>/<image> (ImageFolder layout)"
+            )
+        sets.append(tv.datasets.ImageFolder(path, transform=tf, loader=pil_loader_naming_path))
+    train, val = sets
+    if train.classes != val.classes:
+        raise ValueError(
+            f"train/ and val/ under {root!r} have different class folders "
+            f"({len(train.classes)} vs {len(val.classes)}); they must match"
+        )
+    return train, val, len(train.classes)
+
+
+# ---------------------------------------------------------------------- synthetic
+class SyntheticLoader:
+    """Serves one random batch, resident on ``device``, ``steps`` times per epoch."""
+
+    def __init__(self, batch_size: int, shape: tuple[int, ...], num_classes: int, device, steps: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(batch_size, *shape, generator=g).to(device)
+        self.targets = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+        self.steps = steps
+        self.sampler = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):
+            yield self.images, self.targets
+
+
+# ---------------------------------------------------------------------- samplers
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``world`` gets indices ``r, r + world, …`` in order, without the
+    padding of :class:`DistributedSampler`, so all-reduced eval metrics are exact."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+@dataclass
+class Data:
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Optional[DistributedSampler]
+    num_classes: int
+    description: str
+
+
+def build_data(args, rank: int, world_size: int, device: torch.device, in_channels: int) -> Data:
+    """The loaders for ``args`` (see the module docstring)."""
+    if args.synthetic:
+        if args.data_path:
+            raise ValueError("--synthetic and --data-path exclude each other")
+        embedded = not args.data_path and args.arch == "digits_cnn"
+        size = args.image_size if embedded else args.train_crop_size
+        num_classes = 10 if embedded else args.num_classes
+        shape = (in_channels, size, size)
+        train = SyntheticLoader(args.batch_size, shape, num_classes, device, args.synthetic_steps, args.seed + rank)
+        val = SyntheticLoader(args.batch_size, shape, num_classes, device, max(1, args.synthetic_steps // 10), args.seed + 10_000 + rank)
+        return Data(train, val, None, num_classes, f"synthetic batch {tuple(train.images.shape)} on {device}")
+
+    if args.data_path:
+        train_set, val_set, num_classes = imagefolder_splits(
+            args.data_path, args.train_crop_size, args.val_resize_size, args.val_crop_size
+        )
+        what = f"ImageFolder {args.data_path} ({len(train_set)} train / {len(val_set)} val images, {num_classes} classes)"
+    else:
+        train_set, val_set, num_classes = load_digits_split(args.image_size, in_channels)
+        what = (f"embedded sklearn digits, {args.image_size}x{args.image_size} "
+                f"({len(train_set)} train / {len(val_set)} val images, 10 classes)")
+
+    # Shuffling is a function of (seed, epoch) everywhere, also on one process, so a
+    # resumed run sees the same order.
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    val_sampler = ShardSampler(len(val_set), rank, world_size)
+    workers = args.workers
+    pin = device.type == "cuda"
+    per_rank = math.ceil(len(train_set) / world_size)
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, sampler=train_sampler,
+        # Drop a last, smaller batch (BatchNorm cannot train on a batch of one).
+        drop_last=per_rank > args.batch_size, **common,
+    )
+    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size or args.batch_size, sampler=val_sampler, **common)
+    return Data(train_loader, val_loader, train_sampler, num_classes, what)

@@ -1,0 +1,143 @@
+"""The four training methods: optimizer, α schedule and the per-step extras.
+
+========  ==========================================================================
+dense     ``torch.optim.SGD`` on the plain weights ``x``
+pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1)
+spred     :class:`pilot_kernels.PILoT`, ``β = 0``, constant α (Ziyin & Wang, 2023)
+l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·sign(x)``
+          on the tensors with ``ndim >= 2``
+========  ==========================================================================
+
+Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
+``pilot``/``spred`` use two param groups: the reparameterized tensors (``ndim >= 2``)
+get ``--x-weight-decay`` (PILoT's ``weight_decay``: an L2 term on ``m ⊙ w``), the others
+(BatchNorm, biases) get ``--wd``, which defaults to 0 for these methods — the paper's
+ImageNet setting.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pilot_kernels import PILoT
+from pilot_kernels.schedules import (
+    AdaptiveAlpha,
+    AlphaScheduler,
+    ConstantAlpha,
+    GeometricAlpha,
+    HarmonicAlpha,
+    QuadraticAlpha,
+)
+from pilot_kernels.sparsity import sparsity_report
+
+METHODS = ("dense", "pilot", "spred", "l1")
+ALPHA_SCHEDULES = ("adaptive", "constant", "geometric", "harmonic", "quadratic")
+# Default weight decay on the tensors that are not reparameterized / on all tensors.
+DEFAULT_WD = {"dense": 1e-4, "l1": 1e-4, "pilot": 0.0, "spred": 0.0}
+
+
+def uses_pilot(method: str) -> bool:
+    return method in ("pilot", "spred")
+
+
+def default_beta(method: str) -> float:
+    return 0.0 if method == "spred" else 1.0
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """The optimizer of ``args.method`` over ``model``'s parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not uses_pilot(args.method):
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                               weight_decay=args.wd)
+    split = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": split, "weight_decay": args.x_weight_decay, "reparam": True}]
+    if rest:
+        groups.append({"params": rest, "weight_decay": args.wd, "reparam": False})
+    return PILoT(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                 alpha=args.alpha, beta=args.beta)
+
+
+def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -> Optional[AlphaScheduler]:
+    """The α schedule (stepped once per epoch); ``None`` for dense and l1."""
+    if not isinstance(optimizer, PILoT):
+        return None
+    kind = args.alpha_schedule
+    if kind == "adaptive":
+        return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold)
+    if kind == "constant":
+        return ConstantAlpha(optimizer)
+    if kind == "geometric":
+        return GeometricAlpha(optimizer, p=args.alpha_p)
+    if kind == "harmonic":
+        return HarmonicAlpha(optimizer)
+    if kind == "quadratic":
+        return QuadraticAlpha(optimizer)
+    raise ValueError(f"unknown --alpha-schedule {kind!r}; choose from {ALPHA_SCHEDULES}")
+
+
+def step_alpha(scheduler: Optional[AlphaScheduler], train_acc: float) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, AdaptiveAlpha):
+        scheduler.step(train_acc)
+    else:
+        scheduler.step()
+
+
+def current_alpha(optimizer: torch.optim.Optimizer, args) -> float:
+    """α of the reparameterized group (PILoT) or the constant L1 strength (l1)."""
+    if isinstance(optimizer, PILoT):
+        return float(optimizer.param_groups[0]["alpha"])
+    return float(args.alpha) if args.method == "l1" else 0.0
+
+
+@torch.no_grad()
+def add_l1_subgradient_(model: nn.Module, alpha: float) -> None:
+    """``x.grad += α·sign(x)`` on the tensors with ``ndim >= 2`` (method ``l1``).
+    Call on unscaled gradients (after ``GradScaler.unscale_``)."""
+    if alpha == 0:
+        return
+    grads = [p.grad for p in model.parameters() if p.ndim >= 2 and p.grad is not None]
+    signs = [torch.sign(p) for p in model.parameters() if p.ndim >= 2 and p.grad is not None]
+    if grads:
+        torch._foreach_add_(grads, signs, alpha=alpha)
+
+
+def sparsity_optimizer(optimizer: torch.optim.Optimizer) -> Optional[PILoT]:
+    """What :mod:`pilot_kernels.sparsity` should get: the PILoT optimizer (so ``m``, ``w``
+    and the momenta are pruned with ``x``) or ``None`` (the tensors with ``ndim >= 2``)."""
+    return optimizer if isinstance(optimizer, PILoT) else None
+
+
+@torch.no_grad()
+def l1_norm(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """``Σ|x|`` over the tensors with ``ndim >= 2`` (PILoT: ``opt.l1_norm()``, from its step)."""
+    if isinstance(optimizer, PILoT):
+        return float(optimizer.l1_norm())
+    return float(sum(p.detach().abs().sum().item() for p in model.parameters() if p.ndim >= 2))
+
+
+def sparsities_at(model: nn.Module, optimizer, thresholds: list[float]) -> dict[str, float]:
+    """Global fraction of ``|x| <= t`` over the reparameterized tensors, per threshold."""
+    opt = sparsity_optimizer(optimizer)
+    return {f"{t:g}": sparsity_report(model, opt, threshold=t).sparsity for t in thresholds}
+
+
+def lr_lambda_factory(warmup_iters: int, total_iters: int):
+    """Linear warmup from ~0 over ``warmup_iters`` steps, then cosine to 0 at
+    ``total_iters``; restarts every ``total_iters`` steps (each pruning cycle)."""
+
+    def factor(it: int) -> float:
+        it = it % total_iters
+        if it < warmup_iters:
+            return (it + 1) / warmup_iters
+        t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+

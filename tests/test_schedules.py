@@ -1,0 +1,363 @@
+"""Tests for pilot_kernels.schedules: the α schedules of spec §5."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pilot_kernels import PILoT
+from pilot_kernels.schedules import (
+    AdaptiveAlpha,
+    AlphaScheduler,
+    ConstantAlpha,
+    GeometricAlpha,
+    HarmonicAlpha,
+    QuadraticAlpha,
+)
+
+ALPHA0 = (1e-3, 4e-2)  # two groups with different α0: schedules must keep each group's own
+
+
+def make_optimizer(alphas=ALPHA0, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = PILoT(
+        [
+            {"params": model[0].parameters(), "alpha": alphas[0]},
+            {"params": model[2].parameters(), "alpha": alphas[1]},
+        ],
+        lr=0.05,
+        momentum=0.9,
+    )
+    return model, opt
+
+
+def group_alphas(opt):
+    return [g["alpha"] for g in opt.param_groups]
+
+
+def close(a, b):
+    return all(math.isclose(x, y, rel_tol=1e-12, abs_tol=0.0) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+# Closed forms written out independently of the implementation; n = number of step() calls.
+STATIC = {
+    "constant": (lambda opt: ConstantAlpha(opt), lambda a0, n: a0),
+    "harmonic": (lambda opt: HarmonicAlpha(opt), lambda a0, n: a0 / (n + 1)),
+    "quadratic": (lambda opt: QuadraticAlpha(opt), lambda a0, n: a0 / (n + 1) ** 2),
+    "geometric": (lambda opt: GeometricAlpha(opt), lambda a0, n: a0 * 0.95**n),
+    "geometric_p0.5": (lambda opt: GeometricAlpha(opt, p=0.5), lambda a0, n: a0 * 0.5**n),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+def test_static_schedules_follow_their_formula(name):
+    make_sched, formula = STATIC[name]
+    _, opt = make_optimizer()
+    sched = make_sched(opt)
+    assert sched.last_epoch == 0
+    for n in range(8):
+        expected = [formula(a0, n) for a0 in ALPHA0]
+        assert close(group_alphas(opt), expected), (n, group_alphas(opt), expected)
+        assert close(sched.get_last_alpha(), expected)
+        assert sched.last_epoch == n
+        sched.step()
+    assert [g["initial_alpha"] for g in opt.param_groups] == list(ALPHA0)
+
+
+def test_first_period_is_alpha0_for_every_schedule():
+    for make_sched, _ in STATIC.values():
+        _, opt = make_optimizer()
+        make_sched(opt)
+        assert group_alphas(opt) == list(ALPHA0)
+    _, opt = make_optimizer()
+    AdaptiveAlpha(opt, total_epochs=10)
+    assert group_alphas(opt) == list(ALPHA0)
+
+
+def test_harmonic_explicit_values():
+    _, opt = make_optimizer(alphas=(1.0, 2.0))
+    sched = HarmonicAlpha(opt)
+    seen = [sched.get_last_alpha()]
+    for _ in range(3):
+        sched.step()
+        seen.append(sched.get_last_alpha())
+    assert close(sum(seen, []), [1.0, 2.0, 1 / 2, 1.0, 1 / 3, 2 / 3, 1 / 4, 2 / 4])
+
+
+def test_get_last_alpha_is_a_copy():
+    _, opt = make_optimizer()
+    sched = HarmonicAlpha(opt)
+    sched.get_last_alpha()[0] = 123.0
+    assert sched.get_last_alpha() == list(ALPHA0)
+
+
+def test_static_schedule_uses_initial_alpha_not_current():
+    _, opt = make_optimizer()
+    sched = QuadraticAlpha(opt)
+    opt.param_groups[0]["alpha"] = 7.0  # someone overwrote it
+    sched.step()
+    assert close(group_alphas(opt), [a / 4 for a in ALPHA0])
+
+
+def test_initial_alpha_setdefault_is_kept_by_a_second_scheduler():
+    _, opt = make_optimizer()
+    HarmonicAlpha(opt).step()
+    sched = HarmonicAlpha(opt)  # like lr schedulers: base values come from initial_alpha
+    assert sched.base_alphas == list(ALPHA0)
+    assert group_alphas(opt) == list(ALPHA0)
+
+
+def test_resume_with_last_epoch_needs_initial_alpha():
+    _, opt = make_optimizer()
+    with pytest.raises(KeyError, match="initial_alpha"):
+        HarmonicAlpha(opt, last_epoch=4)
+    for g in opt.param_groups:
+        g["initial_alpha"] = g["alpha"]
+    sched = HarmonicAlpha(opt, last_epoch=4)
+    assert sched.last_epoch == 5
+    assert close(group_alphas(opt), [a / 6 for a in ALPHA0])
+
+
+def test_rejects_optimizer_without_alpha():
+    model = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for make in (ConstantAlpha, HarmonicAlpha, QuadraticAlpha, GeometricAlpha):
+        with pytest.raises(ValueError, match="PILoT"):
+            make(sgd)
+    with pytest.raises(ValueError, match="PILoT"):
+        AdaptiveAlpha(sgd, total_epochs=3)
+    assert "initial_alpha" not in sgd.param_groups[0]
+    with pytest.raises(TypeError, match="not an Optimizer"):
+        HarmonicAlpha(model)
+
+
+def test_adaptive_needs_l1_norm():
+    model = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.param_groups[0]["alpha"] = 1e-3
+    HarmonicAlpha(sgd)  # static schedules only need the key
+    with pytest.raises(TypeError, match="l1_norm"):
+        AdaptiveAlpha(sgd, total_epochs=3)
+
+
+def test_base_class_needs_a_factor():
+    _, opt = make_optimizer()
+    with pytest.raises(NotImplementedError, match="_factor"):
+        AlphaScheduler(opt)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.5, 1.5, float("nan")])
+def test_geometric_rejects_bad_p(p):
+    _, opt = make_optimizer()
+    with pytest.raises(ValueError, match="0 < p <= 1"):
+        GeometricAlpha(opt, p=p)
+    assert group_alphas(opt) == list(ALPHA0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(total_epochs=10, delta=0.99), "delta must be >= 1"),
+        (dict(total_epochs=10, delta=float("nan")), "delta must be >= 1"),
+        (dict(total_epochs=0), "total_epochs"),
+        (dict(total_epochs=2.5), "total_epochs"),
+        (dict(total_epochs=10, l1_threshold=-1.0), "K must be >= 0"),
+    ],
+)
+def test_adaptive_rejects_bad_hyperparameters(kwargs, match):
+    _, opt = make_optimizer()
+    with pytest.raises(ValueError, match=match):
+        AdaptiveAlpha(opt, **kwargs)
+    assert group_alphas(opt) == list(ALPHA0)
+
+
+class FakeL1:
+    """Replaces PILoT.l1_norm with a scripted sequence of 0-dim tensors."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.calls = 0
+
+    def __call__(self):
+        v = self.values[self.calls]
+        self.calls += 1
+        return torch.tensor(v)
+
+
+def test_adaptive_against_hand_simulation():
+    _, opt = make_optimizer()
+    T, delta, K = 10, 1.1, 100.0
+    #          k:    1     2     3     4     5      6     7     8
+    accs = [0.30, 0.20, 0.25, 0.25, 0.90, 0.95, 0.99, 0.10]
+    l1s = [500.0, 500.0, 100.0, 500.0, 101.0, 500.0, 500.0, 500.0]
+    # k=1: 0.30 >= a0=0, L1 > K, 1 <= 5                    -> up
+    # k=2: accuracy fell (0.20 < 0.30)                    -> down
+    # k=3: acc rose but L1 == K is not > K               -> down
+    # k=4: equal accuracy counts (>=), L1 > K             -> up
+    # k=5: k == T/2 still grows                           -> up
+    # k=6: all good but k > T/2                           -> down
+    # k=7, 8: second half                                 -> down
+    exponents = [+1, -1, -1, +1, +1, -1, -1, -1]
+    opt.l1_norm = FakeL1(l1s)
+    sched = AdaptiveAlpha(opt, total_epochs=T, delta=delta, l1_threshold=K)
+    e = 0
+    for k, (acc, step_exp) in enumerate(zip(accs, exponents), start=1):
+        sched.step(acc)
+        e += step_exp
+        expected = [a0 * delta**e for a0 in ALPHA0]
+        assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(group_alphas(opt), expected)), k
+        assert sched.last_epoch == k
+        assert sched.previous_acc == acc  # a_{k-1} is the previous epoch's, not the best
+        assert sched.last_l1 == l1s[k - 1]
+    assert opt.l1_norm.calls == len(accs)  # exactly one read per epoch
+    # groups keep their ratio
+    assert math.isclose(group_alphas(opt)[1] / group_alphas(opt)[0], ALPHA0[1] / ALPHA0[0], rel_tol=1e-12)
+
+
+def test_adaptive_half_rule_with_odd_T():
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1([1.0] * 5)
+    sched = AdaptiveAlpha(opt, total_epochs=5, delta=2.0, l1_threshold=0.0)
+    for acc in (0.1, 0.2, 0.3, 0.4, 0.5):
+        sched.step(acc)
+    # k=1,2 <= 2.5 up; k=3,4,5 down: net exponent -1
+    assert close(group_alphas(opt), [a / 2 for a in ALPHA0])
+
+
+def test_adaptive_delta_one_is_constant():
+    _, opt = make_optimizer()
+    sched = AdaptiveAlpha(opt, total_epochs=4, delta=1.0)
+    for acc in (0.5, 0.1, 0.9, 0.2, 0.3):
+        sched.step(acc)
+    assert group_alphas(opt) == list(ALPHA0)
+
+
+def test_adaptive_accepts_tensor_accuracy_and_rejects_bad_ones():
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1([10.0] * 3)
+    sched = AdaptiveAlpha(opt, total_epochs=10, delta=2.0)
+    sched.step(torch.tensor(0.5))
+    assert close(group_alphas(opt), [2 * a for a in ALPHA0])
+    assert sched.previous_acc == 0.5 and isinstance(sched.previous_acc, float)
+    sched.step(torch.tensor([0.6]))  # one element is fine
+    assert close(group_alphas(opt), [4 * a for a in ALPHA0])
+    for bad, exc in ((torch.tensor([0.1, 0.2]), ValueError), (float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(exc):
+            sched.step(bad)
+    assert sched.last_epoch == 2 and sched.previous_acc == pytest.approx(0.6)
+    assert close(group_alphas(opt), [4 * a for a in ALPHA0])
+
+
+def test_adaptive_with_real_l1_crossing_threshold():
+    """A real PILoT whose L1 shrinks under a large α and zero gradients: α grows
+    while L1 > K, then decays once L1 has crossed K (accuracy keeps rising)."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 10, bias=False)
+    opt = PILoT(model.parameters(), lr=0.1, momentum=0.0, alpha=0.05)
+    l1_start = float(opt.l1_norm())
+    K = 0.9 * l1_start
+    sched = AdaptiveAlpha(opt, total_epochs=100, delta=1.01, l1_threshold=K)
+    model.weight.grad = torch.zeros_like(model.weight)
+    decisions = []
+    for epoch in range(1, 8):
+        opt.step()  # m, w shrink by (1 - 2 lr α) each step: L1 falls monotonically
+        l1 = float(opt.l1_norm())
+        before = opt.param_groups[0]["alpha"]
+        sched.step(0.1 * epoch)
+        decisions.append(opt.param_groups[0]["alpha"] > before)
+        assert decisions[-1] == (l1 > K)
+        assert sched.last_l1 == l1
+    assert decisions[0] and not decisions[-1]  # the threshold was crossed in between
+
+
+def run_static(make_sched, opt, sched_state=None, n=4):
+    sched = make_sched(opt)
+    if sched_state is not None:
+        sched.load_state_dict(sched_state)
+    out = []
+    for _ in range(n):
+        sched.step()
+        out.append(sched.get_last_alpha())
+    return sched, out
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+def test_static_state_dict_round_trip(name):
+    make_sched, _ = STATIC[name]
+    _, opt = make_optimizer()
+    sched = make_sched(opt)
+    for _ in range(3):
+        sched.step()
+    saved_sched, saved_opt = sched.state_dict(), opt.state_dict()
+    assert "optimizer" not in saved_sched and saved_sched["last_epoch"] == 3
+    expected = []
+    for _ in range(4):
+        sched.step()
+        expected.append(sched.get_last_alpha())
+
+    _, opt2 = make_optimizer(alphas=(9.0, 9.0))  # different α0: must come from the checkpoint
+    sched2 = make_sched(opt2)
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    assert sched2.last_epoch == 3 and sched2.get_last_alpha() == saved_sched["_last_alpha"]
+    got = []
+    for _ in range(4):
+        sched2.step()
+        got.append(sched2.get_last_alpha())
+    assert got == expected
+
+
+def test_adaptive_state_dict_round_trip():
+    accs = [0.1, 0.3, 0.2, 0.4, 0.5, 0.45, 0.6, 0.7, 0.8]
+    l1s = [50.0, 50.0, 50.0, 5.0, 50.0, 50.0, 50.0, 50.0, 50.0]
+
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1(l1s)
+    sched = AdaptiveAlpha(opt, total_epochs=12, delta=1.05, l1_threshold=10.0)
+    for acc in accs[:4]:
+        sched.step(acc)
+    saved_sched, saved_opt = sched.state_dict(), opt.state_dict()
+    assert saved_sched["previous_acc"] == 0.4
+    assert "optimizer" not in saved_sched
+    expected = []
+    for acc in accs[4:]:
+        sched.step(acc)
+        expected.append(sched.get_last_alpha())
+
+    _, opt2 = make_optimizer(alphas=(5.0, 5.0))
+    opt2.l1_norm = FakeL1(l1s[4:])
+    sched2 = AdaptiveAlpha(opt2, total_epochs=1)  # hyperparameters come from the state_dict
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    assert (sched2.total_epochs, sched2.delta, sched2.l1_threshold, sched2.last_epoch) == (12, 1.05, 10.0, 4)
+    got = []
+    for acc in accs[4:]:
+        sched2.step(acc)
+        got.append(sched2.get_last_alpha())
+    assert got == expected
+
+
+def test_load_state_dict_rejects_other_group_count():
+    _, opt = make_optimizer()
+    state = HarmonicAlpha(opt).state_dict()
+    model = nn.Linear(2, 2)
+    opt1 = PILoT(model.parameters(), lr=0.1, alpha=1e-3)
+    sched = HarmonicAlpha(opt1)
+    with pytest.raises(ValueError, match="param groups"):
+        sched.load_state_dict(state)
+    assert sched.base_alphas == [1e-3]
+
+
+def test_schedule_drives_the_optimizer_step():
+    """The α written by a scheduler is the α the next PILoT step uses."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = PILoT(model.parameters(), lr=0.1, momentum=0.0, alpha=0.5)
+    sched = HarmonicAlpha(opt)
+    sched.step()  # α = 0.25
+    m0, w0 = opt.state[model.weight]["m"].clone(), opt.state[model.weight]["w"].clone()
+    model.weight.grad = torch.zeros_like(model.weight)
+    opt.step()
+    torch.testing.assert_close(opt.state[model.weight]["m"], m0 * (1 - 0.1 * 2 * 0.25))
+    torch.testing.assert_close(opt.state[model.weight]["w"], w0 * (1 - 0.1 * 2 * 0.25))
