@@ -348,7 +348,7 @@ def sweep(
             with torch.no_grad():
                 for tensor, copy in saved:
                     tensor.copy_(copy)
-            pass
+            _restore_l1(optimizer, saved_l1)
     return results
 
 
