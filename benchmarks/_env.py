@@ -6,8 +6,7 @@
   optimizer step (spec §3: 40 B/element for fp32 PILoT with momentum, 20 for dense SGD);
 * :func:`write_results` — the results-file convention: ``<stem>.json`` (environment,
   arguments, rows, extras) and ``<stem>.csv`` (the rows) in one folder;
-* :func:`import_torchvision_models` — ``torchvision.models``, also where torchvision's
-  compiled extension does not match the installed torch.
+* :func:`import_torchvision_models` — ``torchvision.models`` via the package's compat shim.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -228,35 +226,13 @@ def write_results(
 
 
 # --------------------------------------------------------------------- torchvision
-_TV_SHIM: Optional[torch.library.Library] = None
-
-
 def import_torchvision_models():
-    """``torchvision.models``.
+    """``torchvision.models``, through :func:`pilot_kernels.compat.import_torchvision`
+    (which also works where torchvision's compiled ops cannot load next to the installed
+    torch; the models are pure Python)."""
+    from pilot_kernels.compat import import_torchvision
 
-    Some environments pair a CPU-only torch with a torchvision wheel built for CUDA:
-    its compiled extension cannot load, and ``import torchvision`` then fails while
-    registering fake kernels for ``torchvision::nms``/``qnms`` ("operator
-    torchvision::nms does not exist").  The model definitions are pure Python and need
-    none of the compiled ops, so in that one case the two schemas are declared (no
-    kernels) and the import retried.  Any other import error is raised as is.
-    """
-    global _TV_SHIM
-    try:
-        import torchvision.models as models
-
-        return models
-    except RuntimeError as e:
-        if not re.search(r"operator torchvision::q?nms does not exist", str(e)):
-            raise
-    _TV_SHIM = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-        _TV_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    import torchvision.models as models
-
-    return models
+    return import_torchvision().models
 
 
 # --------------------------------------------------------------------- small utilities

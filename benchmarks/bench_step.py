@@ -508,7 +508,9 @@ def run_benchmark(bench: Benchmark, cases: dict[str, Case], device: torch.device
 
 # ======================================================================= targets, output
 def evaluate_targets(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """The issue's targets, checked on this run's rows (CUDA runs only)."""
+    """The issue's targets, checked on this run's rows (CUDA runs only), for the fused
+    backends: >= 90% of copy bandwidth at the largest ``single`` size; <= 2.0x the time of
+    torch_fused and >= 4x faster than naive at that size and on each model set."""
     if device.type != "cuda":
         return {"status": "owed: no GPU measurement yet (CPU run; targets apply to CUDA runs only)"}
     ok = {(r["shape_set"], r["size"], r["dtype"], r["provider"]): r for r in rows if r["status"] == "ok"}
@@ -523,8 +525,9 @@ def evaluate_targets(rows: list[dict[str, Any]], device: torch.device) -> dict[s
         if shape_set == "single" and r["numel"] != largest.get(dtype):
             continue
         where = f"{provider} {shape_set} {size} {dtype}"
-        checks.append({"target": "fused step >= 90% of copy bandwidth", "case": where,
-                       "value": r["pct_copy"], "pass": r["pct_copy"] >= 90.0})
+        if shape_set == "single":  # bandwidth target: one large tensor, no launch overheads
+            checks.append({"target": "fused step >= 90% of copy bandwidth", "case": where,
+                           "value": r["pct_copy"], "pass": r["pct_copy"] >= 90.0})
         dense = ok.get((shape_set, size, dtype, "torch_fused"))
         if dense:
             ratio = r["time_ms"] / dense["time_ms"]
@@ -607,7 +610,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke mode: tiny sizes (k <= 16, model sets shrunk 16x), fp32, few reps")
+                    help="smoke mode: tiny sizes (k <= 16, model sets shrunk 32x), fp32, few reps")
     ap.add_argument("--shapes", default=",".join(SHAPE_SETS), help=f"comma list of {SHAPE_SETS}")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
     ap.add_argument("--dtypes", default=None, help="comma list: float32,bfloat16 (default: both on CUDA, "
@@ -618,11 +621,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "sizes that do not fit in memory are skipped")
     ap.add_argument("--log2-step", type=int, default=None, help="step between single sizes k (default 2)")
     ap.add_argument("--shrink", type=int, default=None,
-                    help="divide model-set dimensions by this (default 1; 16 with --quick)")
+                    help="divide model-set dimensions by this (default 1; 32 with --quick)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up (ms, CUDA)")
     ap.add_argument("--rep-ms", type=float, default=100, help="do_bench repetition time (ms, CUDA)")
-    ap.add_argument("--cpu-warmup", type=int, default=None, help="CPU warm-up calls (default 2; 1 quick)")
+    ap.add_argument("--cpu-warmup", type=int, default=None,
+                    help="CPU warm-up calls after the first step (default 2; 0 quick)")
     ap.add_argument("--cpu-reps", type=int, default=None, help="CPU timed calls (default 10; 3 quick)")
     ap.add_argument("--host-reps", type=int, default=20, help="calls for the host-issue time (CUDA)")
     ap.add_argument("--copy-mib", type=int, default=None,
@@ -658,9 +662,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.log2_step is None:
         args.log2_step = 2
     if args.shrink is None:
-        args.shrink = 16 if q else 1
+        args.shrink = 32 if q else 1
     if args.cpu_warmup is None:
-        args.cpu_warmup = 1 if q else 2
+        args.cpu_warmup = 0 if q else 2
     if args.cpu_reps is None:
         args.cpu_reps = 3 if q else 10
     if args.copy_mib is None:

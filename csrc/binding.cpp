@@ -1,7 +1,10 @@
 // Python binding of the fused PILoT step: checks every precondition (TORCH_CHECK with
-// the fix in the message), builds the multi-tensor table in pinned host memory, copies
-// it to the device on the current stream and launches pilot_step.cu's kernel there.
-// Nothing here reads a device value on the host: no synchronization.
+// the fix in the message), builds the multi-tensor table, uploads it (pinned host memory,
+// one asynchronous copy on the current stream; cached in the caller's workspace dict so
+// an unchanged table is not uploaded again) and launches pilot_step.cu's kernel on the
+// current stream.  Nothing here reads a device value on the host: no synchronization,
+// and with a cached table nothing but the launch, so a step can be captured in a CUDA
+// graph.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -97,14 +100,65 @@ bool aligned_to(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// Workspace keys (the dict may hold other backends' entries too).
+constexpr const char* kHostKey = "cuda_table_host";
+constexpr const char* kDeviceKey = "cuda_table";
+
+// The table on the device: the workspace's cached copy when its bytes are unchanged,
+// else a fresh upload: pinned host tensor + one asynchronous copy on the current stream.
+// The caching host allocator records that copy, so the pinned block is not reused
+// before it completes; the workspace also keeps both tensors alive.  Without a
+// workspace the device copy is freed after the launch, stream-ordered.
+at::Tensor device_table_for(const std::vector<uint8_t>& rows, const at::Device& device,
+                            cudaStream_t stream, const py::object& workspace) {
+  if (rows.empty()) return at::Tensor();
+  py::dict cache;
+  const bool has_cache = !workspace.is_none();
+  if (has_cache) {
+    TORCH_CHECK(py::isinstance<py::dict>(workspace), "workspace must be a dict or None, got ",
+                Py_TYPE(workspace.ptr())->tp_name, "; pass {} and keep it between calls");
+    cache = workspace.cast<py::dict>();
+    if (cache.contains(kHostKey) && cache.contains(kDeviceKey)) {
+      const at::Tensor host = cache[kHostKey].cast<at::Tensor>();
+      const at::Tensor table = cache[kDeviceKey].cast<at::Tensor>();
+      if (host.numel() == static_cast<int64_t>(rows.size()) && table.device() == device &&
+          std::memcmp(host.data_ptr(), rows.data(), rows.size()) == 0) {
+        return table;
+      }
+    }
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "PILoT's cuda backend cannot upload its kernel table while a CUDA graph is being "
+              "captured: pass a workspace dict (the optimizer does), run a warm-up step with the "
+              "same tensors before capturing, and keep gradients allocated across steps "
+              "(opt.zero_grad(set_to_none=False))");
+  const auto bytes = static_cast<int64_t>(rows.size());
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), rows.data(), rows.size());
+  at::Tensor table = host.to(at::TensorOptions().device(device).dtype(at::kByte),
+                             /*non_blocking=*/true);
+  if (has_cache) {
+    cache[kHostKey] = host;
+    cache[kDeviceKey] = table;
+  }
+  return table;
+}
+
+// lr / alpha: a float, or (lr_tensor / alpha_tensor) a 1-element fp32 device tensor read
+// by the kernel.  workspace: None or a dict kept by the caller between calls; the device
+// table is cached in it and re-uploaded only when a pointer, size or flag changed.
 void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList& ms,
                 const TensorList& ws, const std::optional<TensorList>& momentum_ms,
                 const std::optional<TensorList>& momentum_ws, const std::vector<bool>& firsts,
-                double lr, double momentum, double dampening, bool nesterov, double alpha,
-                double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                double dampening, bool nesterov, double alpha,
+                const std::optional<at::Tensor>& alpha_tensor, double weight_decay,
+                bool maximize, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& l1_accum,
-                const std::optional<at::Tensor>& l1_clear) {
+                const std::optional<at::Tensor>& l1_clear, const py::object& workspace) {
   const size_t n = xs.size();
   TORCH_CHECK(grads.size() == n && ms.size() == n && ws.size() == n && firsts.size() == n,
               "xs, grads, ms, ws and firsts must have the same length; got ", n, ", ",
@@ -139,6 +193,8 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
   const at::ScalarType dtype = x0.scalar_type();
   const size_t elem = x0.element_size();
 
+  const float* lr_ptr = scalar_ptr(lr_tensor, "lr (a tensor)", device, false);
+  const float* alpha_ptr = scalar_ptr(alpha_tensor, "alpha (a tensor)", device, false);
   const float* grad_scale_ptr = scalar_ptr(grad_scale, "grad_scale", device, false);
   const float* found_inf_ptr = scalar_ptr(found_inf, "found_inf", device, false);
   float* l1_accum_ptr = const_cast<float*>(scalar_ptr(l1_accum, "l1_accum", device, true));
@@ -171,36 +227,15 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
     if (x.numel() > 0) ++n_entries;
   }
 
-  // l1_accum and l1_clear the same element: clear first (as the reference), then add.
-  if (l1_clear_ptr != nullptr && l1_clear_ptr == l1_accum_ptr) {
-    l1_clear->zero_();
-    l1_clear_ptr = nullptr;
-  }
-
-  pilot::PilotHyper hyper;
-  hyper.lr = static_cast<float>(lr);
-  hyper.momentum = static_cast<float>(momentum);
-  hyper.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  hyper.two_alpha = static_cast<float>(2.0 * alpha);
-  hyper.weight_decay = static_cast<float>(weight_decay);
-  hyper.has_momentum = has_momentum ? 1 : 0;
-  hyper.nesterov = nesterov ? 1 : 0;
-  hyper.maximize = maximize ? 1 : 0;
-  hyper.has_weight_decay = weight_decay != 0.0 ? 1 : 0;
-
-  // The table, in pinned memory, then one asynchronous copy on the current stream.  The
-  // caching host allocator records the copy's stream, so the pinned block is not reused
-  // before the copy is done; the device copy is freed stream-ordered after the kernel.
-  at::Tensor device_table;
+  // The table (pilot_step.h), built on the host every call: gradients may move between
+  // steps (zero_grad(set_to_none=True)), and the first-step flags change once.
   int64_t total_chunks = 0;
+  std::vector<uint8_t> rows;
   if (n_entries > 0) {
-    const int64_t bytes = pilot::table_bytes(n_entries);
-    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    uint8_t* base = host.data_ptr<uint8_t>();
-    std::memset(base, 0, static_cast<size_t>(bytes));
-    auto* chunk_starts = reinterpret_cast<int64_t*>(base);
-    auto* entries =
-        reinterpret_cast<pilot::PilotTensorEntry*>(base + pilot::table_entries_offset(n_entries));
+    rows.assign(static_cast<size_t>(pilot::table_bytes(n_entries)), 0);
+    auto* chunk_starts = reinterpret_cast<int64_t*>(rows.data());
+    auto* entries = reinterpret_cast<pilot::PilotTensorEntry*>(
+        rows.data() + pilot::table_entries_offset(n_entries));
     int64_t k = 0;
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& x = xs[i];
@@ -223,9 +258,39 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
       ++k;
     }
     chunk_starts[n_entries] = total_chunks;
-    device_table = host.to(at::TensorOptions().device(device).dtype(at::kByte),
-                           /*non_blocking=*/true);
   }
+  const at::Tensor device_table = device_table_for(rows, device, stream, workspace);
+
+  // Autograd's view of the kernel's in-place writes (the reference's copy_ does the same);
+  // raises, before anything is written, for an inference tensor outside InferenceMode.
+  for (size_t i = 0; i < n; ++i) {
+    torch::autograd::impl::bump_version(xs[i]);
+    torch::autograd::impl::bump_version(ms[i]);
+    torch::autograd::impl::bump_version(ws[i]);
+    if (has_momentum) {
+      torch::autograd::impl::bump_version((*momentum_ms)[i]);
+      torch::autograd::impl::bump_version((*momentum_ws)[i]);
+    }
+  }
+
+  // l1_accum and l1_clear the same element: clear first (as the reference), then add.
+  if (l1_clear_ptr != nullptr && l1_clear_ptr == l1_accum_ptr) {
+    l1_clear->zero_();
+    l1_clear_ptr = nullptr;
+  }
+
+  pilot::PilotHyper hyper;
+  hyper.lr = static_cast<float>(lr);
+  hyper.momentum = static_cast<float>(momentum);
+  hyper.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  hyper.two_alpha = static_cast<float>(2.0 * alpha);
+  hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.has_momentum = has_momentum ? 1 : 0;
+  hyper.nesterov = nesterov ? 1 : 0;
+  hyper.maximize = maximize ? 1 : 0;
+  hyper.has_weight_decay = weight_decay != 0.0 ? 1 : 0;
+  hyper.lr_device = lr_ptr;
+  hyper.alpha_device = alpha_ptr;
 
   const cudaError_t err = pilot::pilot_step_launch(
       ptype, device_table.defined() ? device_table.data_ptr() : nullptr, n_entries, total_chunks,
@@ -242,10 +307,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One fused PILoT step for the tensors of one (device, dtype) group; see "
         "pilot_kernels.kernels.reference.pilot_step for the semantics.",
         py::arg("xs"), py::arg("grads"), py::arg("ms"), py::arg("ws"), py::arg("momentum_ms"),
-        py::arg("momentum_ws"), py::arg("firsts"), py::arg("lr"), py::arg("momentum"),
-        py::arg("dampening"), py::arg("nesterov"), py::arg("alpha"), py::arg("weight_decay"),
-        py::arg("maximize"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1_accum"),
-        py::arg("l1_clear"));
+        py::arg("momentum_ws"), py::arg("firsts"), py::arg("lr"), py::arg("lr_tensor"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("alpha"),
+        py::arg("alpha_tensor"), py::arg("weight_decay"), py::arg("maximize"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1_accum"), py::arg("l1_clear"),
+        py::arg("workspace"));
   m.attr("CHUNK") = pilot::kPilotChunk;
   m.attr("BLOCK") = pilot::kPilotBlock;
 }

@@ -17,7 +17,8 @@
 // L1: each thread sums |m_new * w_new| over its elements, the block reduces, and
 // thread 0 does one atomicAdd into l1_accum per block.  Block 0 zeroes l1_clear.
 // found_inf (read here, on the device) != 0: nothing is written except l1, which gets
-// the sum over the unchanged m * w.
+// the sum over the unchanged m * w.  grad_scale, found_inf and, in capturable mode, lr
+// and alpha are read by the kernel, never by the host.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -167,6 +168,10 @@ __global__ void __launch_bounds__(kPilotBlock) pilot_step_kernel(const StepArgs 
   if (skip && a.l1_accum == nullptr) return;  // uniform over the grid
   const bool has_scale = a.grad_scale != nullptr;
   const float scale = has_scale ? *a.grad_scale : 1.0f;
+  PilotHyper h = a.h;
+  if (h.lr_device != nullptr) h.lr = *h.lr_device;
+  // The reference computes (2 * alpha) as an fp32 tensor op when alpha is a tensor.
+  if (h.alpha_device != nullptr) h.two_alpha = __fmul_rn(2.0f, *h.alpha_device);
 
   float l1 = 0.0f;
   for (int64_t c = blockIdx.x; c < a.total_chunks; c += gridDim.x) {
@@ -177,7 +182,7 @@ __global__ void __launch_bounds__(kPilotBlock) pilot_step_kernel(const StepArgs 
     if (skip) {
       l1 += l1_of_chunk(e, begin, end);
     } else {
-      l1 += step_chunk<T, kMomentum>(e, begin, end, a.h, has_scale, scale);
+      l1 += step_chunk<T, kMomentum>(e, begin, end, h, has_scale, scale);
     }
   }
   if (a.l1_accum != nullptr) {

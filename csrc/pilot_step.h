@@ -46,7 +46,9 @@ struct alignas(16) PilotTensorEntry {
 static_assert(sizeof(PilotTensorEntry) == 64, "PilotTensorEntry must stay 64 bytes");
 
 // Hyperparameters, already converted to fp32 the way torch converts a Python scalar
-// for an fp32 tensor op (static_cast<float>(double)).
+// for an fp32 tensor op (static_cast<float>(double)).  lr and alpha may instead live in
+// device memory (capturable mode: a replayed CUDA graph must see their current values);
+// the kernel then reads them there and ignores lr / two_alpha.
 struct PilotHyper {
   float lr;
   float momentum;
@@ -57,6 +59,8 @@ struct PilotHyper {
   int32_t nesterov;
   int32_t maximize;
   int32_t has_weight_decay;   // weight_decay != 0
+  const float* lr_device;     // non-null: lr = *lr_device
+  const float* alpha_device;  // non-null: two_alpha = 2 * *alpha_device (in fp32)
 };
 
 // Byte offset of the entries in the table (64-byte aligned).

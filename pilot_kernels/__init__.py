@@ -3,5 +3,39 @@ __version__ = "0.1.0"
 
 from .init import split, split_
 from .optimizer import PILoT, pilot
+from .schedules import (
+    AdaptiveAlpha,
+    AlphaScheduler,
+    ConstantAlpha,
+    GeometricAlpha,
+    HarmonicAlpha,
+    QuadraticAlpha,
+)
+from .sparsity import (
+    SparsityReport,
+    export_state_dict,
+    prune_,
+    sparsity_report,
+    spred_sparsities,
+    sweep,
+)
 
-__all__ = ["PILoT", "pilot", "split", "split_", "__version__"]
+__all__ = [
+    "PILoT",
+    "pilot",
+    "split",
+    "split_",
+    "AlphaScheduler",
+    "ConstantAlpha",
+    "HarmonicAlpha",
+    "QuadraticAlpha",
+    "GeometricAlpha",
+    "AdaptiveAlpha",
+    "SparsityReport",
+    "sparsity_report",
+    "prune_",
+    "sweep",
+    "spred_sparsities",
+    "export_state_dict",
+    "__version__",
+]

@@ -27,9 +27,13 @@ def split(x: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]:
         raise TypeError(f"split needs a floating-point tensor, got {x.dtype}")
     x = x.detach().float()
     m = torch.sqrt((beta + torch.sqrt(beta * beta + 4.0 * x * x)) * 0.5)
-    # m == 0 only where beta == 0 and x == 0; w is 0 there too.
-    w = torch.where(m > 0, x / m, torch.zeros_like(x))
-    return m, w
+    if beta == 0:
+        # spred's balanced split: w = sign(x)·m exactly.  x / m would be off by an ulp,
+        # leaving m² − w² ≈ 1e-7 instead of 0, enough for an entry to cross zero late
+        # in training, which the balanced split forbids.
+        return m, torch.sign(x) * m
+    # m >= sqrt(beta) > 0 everywhere.
+    return m, x / m
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ state, :func:`pilot` is the functional step, and the backends in
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
@@ -17,23 +17,44 @@ from torch.optim.sgd import sgd as _sgd_functional
 from .init import split
 from .kernels import check_backend_name, get_step_fn, resolve_backend
 
+try:  # DTensor parameters (FSDP2); absent from minimal torch builds
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor, Shard = (), ()
+
 __all__ = ["PILoT", "pilot"]
 
 _REPARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per-tensor state keys of a reparameterized tensor (all fp32, shaped like the param).
 _FACTOR_KEYS = ("m", "w")
 _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
+# False until a tensor's momentum buffers hold history (SGD's first step: b = d).
+_STARTED = "momentum_started"
 
 
-def _check_hparams(group: dict) -> None:
-    """Raise a ValueError naming the fix for any invalid hyperparameter of ``group``."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("a Tensor lr must have exactly one element")
-    elif lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}; lr must be >= 0")
-    for name in ("momentum", "alpha", "beta", "weight_decay", "dampening"):
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view that writes through), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _check_hparams(group: dict, tensor_values: bool = True) -> None:
+    """Raise a ValueError naming the fix for any invalid hyperparameter of ``group``.
+
+    ``lr`` and ``alpha`` may be one-element tensors; their values are checked only when
+    ``tensor_values`` (reading a device tensor is a host sync, which ``step`` avoids).
+    """
+    for name in ("lr", "alpha"):
+        v = group[name]
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"a Tensor {name} must have exactly one element, got shape {tuple(v.shape)}")
+            if not tensor_values:
+                continue
+            v = v.item()
+        if v < 0.0:
+            what = "learning rate" if name == "lr" else name
+            raise ValueError(f"Invalid {what}: {v}; {name} must be >= 0")
+    for name in ("momentum", "beta", "weight_decay", "dampening"):
         if group[name] < 0.0:
             raise ValueError(f"Invalid {name}: {group[name]}; {name} must be >= 0")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -110,10 +131,20 @@ class PILoT(Optimizer):
         backend ("auto" | "reference" | "triton" | "cuda"): ``auto`` takes the fused
             Triton kernel for CUDA tensors and the plain-torch reference otherwise; the
             environment variable ``PILOT_BACKEND`` overrides ``auto``.
+        capturable (bool): keep ``lr`` and ``alpha`` in device tensors and make
+            ``step()`` free of host syncs and host-side decisions, so a whole training
+            step can be captured in a CUDA graph.  Change them in place between replays
+            (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).
 
     State of a reparameterized tensor ``p``: ``state[p]["m"]``, ``state[p]["w"]`` and,
-    from its first step with momentum on, ``state[p]["momentum_m"]``,
-    ``state[p]["momentum_w"]``; all fp32 and shaped like ``p``.
+    when the group has momentum, ``state[p]["momentum_m"]``, ``state[p]["momentum_w"]``;
+    all fp32 and shaped like ``p`` (DTensors like ``p`` under FSDP2).  Other tensors
+    hold SGD's ``momentum_buffer``.  Buffers are allocated (as zeros) when a tensor is
+    added, so a checkpoint template is complete before the first step;
+    ``state[p]["momentum_started"]`` records whether they hold history yet.
+
+    Distributed: under DDP nothing changes.  Under FSDP2 (DTensor parameters) every
+    rank updates its local shard and :meth:`l1_norm` all-reduces over the shards.
 
     AMP: ``torch.amp.GradScaler`` passes ``grad_scale``/``found_inf``; gradients are
     unscaled inside the step and a step with inf/NaN gradients changes nothing,
@@ -136,12 +167,13 @@ class PILoT(Optimizer):
         momentum: float = 0.9,
         dampening: float = 0.0,
         nesterov: bool = False,
-        alpha: float = 0.0,
+        alpha: Union[float, Tensor] = 0.0,
         beta: float = 1.0,
         weight_decay: float = 0.0,
         maximize: bool = False,
         reparam: Union[str, bool] = "auto",
         backend: str = "auto",
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -154,12 +186,19 @@ class PILoT(Optimizer):
             maximize=maximize,
             reparam=reparam,
             backend=backend,
+            capturable=capturable,
         )
         _check_hparams(defaults)
         # Σ|m ⊙ w| lives in two device slots per device: each step adds into one and
         # zeroes the other, so the fused kernel needs no extra launch to clear it.
+        # (Capturable groups zero and fill one slot instead: a replayed graph cannot
+        # flip a host-side index.)
         self._l1: dict[torch.device, Tensor] = {}
         self._l1_latest: dict[torch.device, int] = {}
+        # Shard dims to all-reduce the local L1 over, when parameters are DTensors.
+        self._l1_groups: list = []
+        # Per (group, device, dtype) scratch space of the fused backends (kernel tables).
+        self._workspaces: dict[tuple, dict] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -175,24 +214,50 @@ class PILoT(Optimizer):
                 _check_param(p, _wants_reparam(p, merged["reparam"]))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["capturable"]:
+            self._hparams_to_device(group)
         with torch.no_grad():
             for p in group["params"]:
-                if _wants_reparam(p, group["reparam"]):
-                    self._split_into_state(p, group["beta"])
+                self._init_state(p, group)
 
-    def _split_into_state(self, p: Tensor, beta: float) -> None:
-        m, w = split(p, beta)
+    def _hparams_to_device(self, group: dict) -> None:
+        """Capturable groups keep lr and alpha as fp32 device tensors (updated in place)."""
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        for name in ("lr", "alpha"):
+            v = group[name]
+            if not isinstance(v, Tensor) or v.device != device:
+                group[name] = torch.as_tensor(v, dtype=torch.float32).to(device).reshape(())
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        state["m"], state["w"] = m, w
-        p.copy_(m * w)
-        device = p.device
+        momentum = group["momentum"] != 0
+        if _wants_reparam(p, group["reparam"]):
+            m, w = split(p, group["beta"])
+            state["m"], state["w"] = m, w
+            p.copy_(m * w)
+            if momentum:
+                state["momentum_m"] = torch.zeros_like(m)
+                state["momentum_w"] = torch.zeros_like(w)
+            self._register_l1(p)
+            device = _local(p).device
+            self._l1[device][self._l1_latest[device]] += (_local(m) * _local(w)).abs().sum()
+        elif momentum:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if momentum:
+            state[_STARTED] = False
+
+    def _register_l1(self, p: Tensor) -> None:
+        device = _local(p).device
         if device not in self._l1:
             self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
             self._l1_latest[device] = 0
-        self._l1[device][self._l1_latest[device]] += (m * w).abs().sum()
+        if isinstance(p, DTensor) and not self._l1_groups:
+            mesh = p.device_mesh
+            self._l1_groups = [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
 
     @staticmethod
     def is_reparameterized(state: dict) -> bool:
+        """Whether a tensor's state holds PILoT factors ``m, w``."""
         return "m" in state
 
     # ------------------------------------------------------------------ L1
@@ -202,7 +267,9 @@ class PILoT(Optimizer):
         Accumulated inside the step itself (no extra pass over memory) and returned as
         a 0-dim fp32 tensor on the parameters' device, without a host sync.  Before the
         first step it is the norm of the initial split.  Tensors without a gradient in
-        the last step do not contribute to it.
+        the last step do not contribute to it.  With FSDP2 (DTensor parameters) the
+        local sums are all-reduced over the shards, so every rank gets the same value:
+        call it on every rank.
         """
         if not self._l1:
             return torch.zeros((), dtype=torch.float32)
@@ -210,13 +277,30 @@ class PILoT(Optimizer):
         total = norms[0]
         for n in norms[1:]:
             total = total + n.to(total.device, non_blocking=True)
+        for group in self._l1_groups:
+            dist.all_reduce(total, group=group)
         return total
+
+    @torch.no_grad()
+    def refresh_l1_(self) -> None:
+        """Recompute :meth:`l1_norm` from the current ``m, w``; call it after editing the
+        factors outside a step (pruning and loading do)."""
+        for device, buf in self._l1.items():
+            buf.zero_()
+            self._l1_latest[device] = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if self.is_reparameterized(state):
+                    self._register_l1(p)
+                    device = _local(p).device
+                    self._l1[device][0] += (_local(state["m"]) * _local(state["w"])).abs().sum()
 
     # ------------------------------------------------------------------ step
     def _check_step_inputs(self) -> None:
         """Every check that can fail, before any tensor is touched."""
         for group in self.param_groups:
-            _check_hparams(group)
+            _check_hparams(group, tensor_values=False)
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
@@ -235,54 +319,61 @@ class PILoT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_step_inputs()
+        if not torch.compiler.is_compiling():
+            self._check_step_inputs()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
 
+        # Capturable optimizers zero one L1 slot per device and fill it (see __init__).
+        single_slot = any(g["capturable"] for g in self.param_groups)
         stepped_devices: set[torch.device] = set()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             dense, dense_grads, dense_bufs = [], [], []
-            reparam: dict[tuple[torch.device, torch.dtype], dict[str, list]] = defaultdict(
-                lambda: defaultdict(list)
-            )
+            buckets: dict[tuple[torch.device, torch.dtype], dict[str, list]] = {}
+            momentum = group["momentum"] != 0
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                if momentum and _STARTED not in state:  # momentum switched on later
+                    self._init_state_momentum(p, state)
                 if not self.is_reparameterized(state):
                     dense.append(p)
                     dense_grads.append(p.grad)
-                    dense_bufs.append(state.get("momentum_buffer"))
+                    # None asks SGD for its first step (b = g); it allocates the buffer.
+                    dense_bufs.append(state["momentum_buffer"] if momentum and state[_STARTED] else None)
+                    if momentum:
+                        state[_STARTED] = True
                     continue
-                bucket = reparam[(p.device, p.dtype)]
-                bucket["xs"].append(p)
-                bucket["grads"].append(p.grad)
-                bucket["ms"].append(state["m"])
-                bucket["ws"].append(state["w"])
-                if group["momentum"] != 0:
-                    bucket["firsts"].append("momentum_m" not in state)
-                    if "momentum_m" not in state:
-                        # Zeros, so that a first step skipped by AMP leaves a valid buffer.
-                        state["momentum_m"] = torch.zeros_like(state["m"])
-                        state["momentum_w"] = torch.zeros_like(state["w"])
-                    bucket["momentum_ms"].append(state["momentum_m"])
-                    bucket["momentum_ws"].append(state["momentum_w"])
+                x = _local(p)
+                b = buckets.get((x.device, x.dtype))
+                if b is None:
+                    b = buckets[(x.device, x.dtype)] = {k: [] for k in ("xs", "grads", "ms", "ws", "bms", "bws", "firsts")}
+                b["xs"].append(x)
+                b["grads"].append(_local(p.grad))
+                b["ms"].append(_local(state["m"]))
+                b["ws"].append(_local(state["w"]))
+                if momentum:
+                    b["bms"].append(_local(state["momentum_m"]))
+                    b["bws"].append(_local(state["momentum_w"]))
+                    b["firsts"].append(not state[_STARTED])
+                    state[_STARTED] = True
                 else:
-                    bucket["firsts"].append(True)
+                    b["firsts"].append(True)
 
             if dense:
                 self._sgd_step(group, dense, dense_grads, dense_bufs, grad_scale, found_inf)
 
-            for (device, _dtype), b in reparam.items():
+            for (device, dtype), b in buckets.items():
                 latest = self._l1_latest[device]
+                if single_slot:
+                    accum, clear = self._l1[device][latest], None
+                    if device not in stepped_devices:
+                        accum.zero_()
+                else:
+                    accum, clear = self._l1[device][1 - latest], self._l1[device][latest]
                 pilot(
-                    b["xs"],
-                    b["grads"],
-                    b["ms"],
-                    b["ws"],
-                    b["momentum_ms"] or None,
-                    b["momentum_ws"] or None,
-                    b["firsts"],
+                    b["xs"], b["grads"], b["ms"], b["ws"], b["bms"] or None, b["bws"] or None, b["firsts"],
                     lr=group["lr"],
                     momentum=group["momentum"],
                     dampening=group["dampening"],
@@ -293,23 +384,42 @@ class PILoT(Optimizer):
                     backend=group["backend"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
-                    l1_accum=self._l1[device][1 - latest],
-                    l1_clear=self._l1[device][latest],
+                    l1_accum=accum,
+                    l1_clear=clear,
+                    workspace=self._workspaces.setdefault((gi, device, dtype), {}),
                 )
                 stepped_devices.add(device)
-        for device in stepped_devices:
-            self._l1_latest[device] = 1 - self._l1_latest[device]
+        if not single_slot:
+            for device in stepped_devices:
+                self._l1_latest[device] = 1 - self._l1_latest[device]
         return loss
+
+    def _init_state_momentum(self, p: Tensor, state: dict) -> None:
+        if self.is_reparameterized(state):
+            state["momentum_m"] = torch.zeros_like(state["m"])
+            state["momentum_w"] = torch.zeros_like(state["w"])
+        else:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state[_STARTED] = False
 
     def _sgd_step(self, group, params, grads, bufs, grad_scale, found_inf) -> None:
         """torch.optim.SGD's own functional step for the tensors that are not split."""
         amp = grad_scale is not None or found_inf is not None
+        if torch.compiler.is_compiling() and not amp:
+            # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports
+            # every group as capturable: the single-tensor loop compiles instead.
+            fused, foreach = False, False
+        elif amp or group["capturable"]:
+            # Only fused SGD takes grad_scale/found_inf and reads a tensor lr on device.
+            fused, foreach = True, None
+        else:
+            fused, foreach = None, None  # torch.optim.SGD's own default
         _sgd_functional(
             params,
             grads,
             bufs,
-            # Only the fused SGD kernels take grad_scale/found_inf.
-            fused=True if amp else None,
+            foreach=foreach,
+            fused=fused,
             grad_scale=grad_scale,
             found_inf=found_inf,
             weight_decay=group["weight_decay"],
@@ -334,11 +444,12 @@ class PILoT(Optimizer):
         ValueError before anything changes.
         """
         self._check_loadable(state_dict)
-        ours: dict[int, dict[str, Tensor]] = {}
+        ours_keys = _FACTOR_KEYS + _MOMENTUM_KEYS
+        ours: dict[Any, dict[str, Tensor]] = {}
         plain_state: dict[Any, dict[str, Any]] = {}
         for k, s in state_dict["state"].items():
-            plain_state[k] = {n: v for n, v in s.items() if n not in _FACTOR_KEYS + _MOMENTUM_KEYS}
-            ours[k] = {n: v for n, v in s.items() if n in _FACTOR_KEYS + _MOMENTUM_KEYS}
+            plain_state[k] = {n: v for n, v in s.items() if n not in ours_keys}
+            ours[k] = {n: v for n, v in s.items() if n in ours_keys}
         super().load_state_dict({**state_dict, "state": plain_state})
 
         params = [p for g in self.param_groups for p in g["params"]]
@@ -353,7 +464,11 @@ class PILoT(Optimizer):
                 for n, v in tensors.items():
                     state[n] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
                 p.copy_(state["m"] * state["w"])
-        self._reset_l1()
+            for group in self.param_groups:
+                if group["capturable"]:
+                    self._hparams_to_device(group)
+        self._workspaces.clear()
+        self.refresh_l1_()
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
@@ -390,21 +505,6 @@ class PILoT(Optimizer):
             if theirs and "w" not in saved:
                 raise ValueError(f"state_dict entry of tensor {pid} has 'm' but no 'w'")
 
-    def _reset_l1(self) -> None:
-        """Recompute the L1 accumulators from the (newly loaded) factors."""
-        self._l1.clear()
-        self._l1_latest.clear()
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    state = self.state[p]
-                    if self.is_reparameterized(state):
-                        device = p.device
-                        if device not in self._l1:
-                            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
-                            self._l1_latest[device] = 0
-                        self._l1[device][0] += (state["m"] * state["w"]).abs().sum()
-
 
 def pilot(
     xs: list[Tensor],
@@ -419,7 +519,7 @@ def pilot(
     momentum: float,
     dampening: float,
     nesterov: bool,
-    alpha: float,
+    alpha: Union[float, Tensor],
     weight_decay: float,
     maximize: bool,
     backend: str = "auto",
@@ -427,13 +527,26 @@ def pilot(
     found_inf: Optional[Tensor] = None,
     l1_accum: Optional[Tensor] = None,
     l1_clear: Optional[Tensor] = None,
+    workspace: Optional[dict] = None,
 ) -> None:
     """Functional PILoT step for reparameterized tensors on one device with one dtype.
 
     See :class:`PILoT` for the update and
-    :func:`pilot_kernels.kernels.reference.pilot_step` for the arguments.
+    :func:`pilot_kernels.kernels.reference.pilot_step` for the arguments.  ``lr`` and
+    ``alpha`` may be floats or 0-dim device tensors (read on the device).  Under
+    ``torch.compile`` the step is the custom op ``torch.ops.pilot_kernels.pilot_step``,
+    which the compiler treats as one opaque, in-place call.
     """
     if not xs:
+        return
+    if torch.compiler.is_compiling():
+        from .ops import pilot_step_op
+
+        pilot_step_op(
+            xs, grads, ms, ws, momentum_ms or [], momentum_ws or [], firsts,
+            *_split_scalar(lr), momentum, dampening, nesterov, *_split_scalar(alpha),
+            weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear, backend,
+        )
         return
     device = xs[0].device
     step_fn = get_step_fn(resolve_backend(backend, device))
@@ -441,25 +554,14 @@ def pilot(
         grad_scale = grad_scale.to(device, non_blocking=True)
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device, non_blocking=True)
-    if isinstance(lr, Tensor):
-        lr = lr.item()
     step_fn(
-        xs,
-        grads,
-        ms,
-        ws,
-        momentum_ms,
-        momentum_ws,
-        firsts,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        alpha=alpha,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        l1_accum=l1_accum,
-        l1_clear=l1_clear,
+        xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
+        lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, alpha=alpha,
+        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf, l1_accum=l1_accum, l1_clear=l1_clear, workspace=workspace,
     )
+
+
+def _split_scalar(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
+    """A float or device-tensor hyperparameter as the custom op's (float, tensor) pair."""
+    return (0.0, v) if isinstance(v, Tensor) else (float(v), None)

@@ -89,7 +89,7 @@ class AlphaScheduler:
         _check_alpha_optimizer(optimizer)
         if last_epoch == -1:
             for group in optimizer.param_groups:
-                group.setdefault("initial_alpha", group["alpha"])
+                group.setdefault("initial_alpha", float(group["alpha"]))
         else:
             for i, group in enumerate(optimizer.param_groups):
                 if "initial_alpha" not in group:
@@ -120,7 +120,11 @@ class AlphaScheduler:
         self.last_epoch += 1
         alphas = self._compute_alphas()
         for group, alpha in zip(self.optimizer.param_groups, alphas):
-            group["alpha"] = alpha
+            if isinstance(group["alpha"], Tensor):
+                # Capturable PILoT: a replayed CUDA graph reads alpha in place.
+                group["alpha"].fill_(alpha)
+            else:
+                group["alpha"] = alpha
         self._last_alpha = list(alphas)
 
     def step(self) -> None:
@@ -273,7 +277,7 @@ class AdaptiveAlpha(AlphaScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _compute_alphas(self) -> list[float]:
-        return [group["alpha"] * self._multiplier for group in self.optimizer.param_groups]
+        return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
 
     def step(self, train_acc: Union[float, Tensor]) -> None:  # type: ignore[override]
         """End epoch ``k = last_epoch + 1`` with its training accuracy ``train_acc``.

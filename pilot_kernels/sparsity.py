@@ -143,24 +143,9 @@ def _keep_masks(params: list[Tensor], sparsity: float, scope: str) -> list[Tenso
 # ---------------------------------------------------------------------- L1 bookkeeping
 def _refresh_l1(optimizer: Optional[Optimizer]) -> None:
     """Make ``PILoT.l1_norm()`` reflect factors changed outside a step."""
-    reset = getattr(optimizer, "_reset_l1", None)
-    if reset is not None:
-        reset()
-
-
-def _save_l1(optimizer: Optional[Optimizer]) -> Optional[tuple[dict, dict]]:
-    if optimizer is None or not hasattr(optimizer, "_l1"):
-        return None
-    return {d: t.clone() for d, t in optimizer._l1.items()}, dict(optimizer._l1_latest)
-
-
-def _restore_l1(optimizer: Optional[Optimizer], saved: Optional[tuple[dict, dict]]) -> None:
-    if saved is None:
-        return
-    optimizer._l1.clear()
-    optimizer._l1.update({d: t.clone() for d, t in saved[0].items()})
-    optimizer._l1_latest.clear()
-    optimizer._l1_latest.update(saved[1])
+    refresh = getattr(optimizer, "refresh_l1_", None)
+    if refresh is not None:
+        refresh()
 
 
 # ---------------------------------------------------------------------- report
@@ -336,7 +321,6 @@ def sweep(
         if optimizer is not None:
             state = optimizer.state[p]
             saved.extend((state[k], state[k].clone()) for k in _PRUNED_STATE_KEYS if k in state)
-    saved_l1 = _save_l1(optimizer)
 
     results = []
     for s in sparsities:
@@ -348,7 +332,7 @@ def sweep(
             with torch.no_grad():
                 for tensor, copy in saved:
                     tensor.copy_(copy)
-            _restore_l1(optimizer, saved_l1)
+            _refresh_l1(optimizer)
     return results
 
 

@@ -91,7 +91,8 @@ def test_amp_grad_scale_and_found_inf(device, dtype):
             opt.found_inf = torch.tensor(1.0 if step == 2 else 0.0, device=device)
             for p in params:
                 p.grad = (torch.randn(p.shape, device=device) * 1024).to(dtype)
-            before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+            before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()
+                                            if isinstance(v, torch.Tensor)}) for p in params]
             l1_before = opt.l1_norm()
             opt.step()
             if step == 2:

@@ -107,17 +107,28 @@ def arch_list(jit: bool = False) -> str:
     return DEFAULT_ARCH_LIST
 
 
+# The names torch's TORCH_CUDA_ARCH_LIST also accepts, for the GPUs nvcc 12/13 targets.
+_NAMED_ARCHS = {
+    "Turing": "7.5+PTX",
+    "Ampere": "8.0;8.6+PTX",
+    "Ada": "8.9+PTX",
+    "Hopper": "9.0+PTX",
+    "Blackwell": "10.0+PTX",
+}
+
+
 def gencode_flags(archs: str) -> list[str]:
-    """nvcc ``-gencode`` flags for an arch list such as ``"8.0;9.0+PTX"`` or ``"9.0a 10.0"``."""
+    """nvcc ``-gencode`` flags for an arch list such as ``"8.0;9.0+PTX"``, ``"9.0a 10.0"``
+    or ``"Ampere;Hopper"``."""
     flags: list[str] = []
-    for item in re.split(r"[;,\s]+", archs.strip()):
-        if not item:
-            continue
+    items = [i for i in re.split(r"[;,\s]+", archs.strip()) if i]
+    items = [j for i in items for j in _NAMED_ARCHS.get(i, i).split(";")]
+    for item in items:
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", item)
         if m is None:
             raise ValueError(
                 f"cannot read CUDA architecture {item!r} in {archs!r}; write numbers such as "
-                "TORCH_CUDA_ARCH_LIST='8.0;9.0+PTX' (architecture names are not supported)"
+                f"TORCH_CUDA_ARCH_LIST='8.0;9.0+PTX' or one of {sorted(_NAMED_ARCHS)}"
             )
         num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")

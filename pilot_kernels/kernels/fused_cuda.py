@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from . import cuda_build
@@ -67,6 +68,16 @@ def loaded_from() -> Optional[str]:
     return _LOADED_FROM
 
 
+def _scalar_arg(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
+    """A hyperparameter as (value, device tensor): a device tensor is read by the kernel
+    (as fp32, like the reference's fp32 ops do); a CPU tensor is a host scalar (no sync)."""
+    if not isinstance(v, Tensor):
+        return float(v), None
+    if v.device.type == "cpu":
+        return float(v), None
+    return 0.0, v if v.dtype == torch.float32 else v.to(torch.float32)
+
+
 def pilot_step(
     xs: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -76,27 +87,33 @@ def pilot_step(
     momentum_ws: Optional[Sequence[Tensor]],
     firsts: Sequence[bool],
     *,
-    lr: float,
+    lr: Union[float, Tensor],
     momentum: float,
     dampening: float,
     nesterov: bool,
-    alpha: float,
+    alpha: Union[float, Tensor],
     weight_decay: float,
     maximize: bool,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     l1_accum: Optional[Tensor] = None,
     l1_clear: Optional[Tensor] = None,
+    workspace: Optional[dict] = None,
 ) -> None:
     """One fused PILoT step; see :func:`pilot_kernels.kernels.reference.pilot_step`.
 
     Every tensor of a call must be on one CUDA device; ``x`` and its gradient share one
     dtype (float32, bfloat16 or float16) and ``m``, ``w`` and the momentum buffers are
     float32, all with ``x``'s shape and memory layout.  The momentum lists are given
-    exactly when ``momentum != 0``.  ``grad_scale``/``found_inf``/``l1_*`` are 1-element
-    float32 tensors on that device; they are read and written only by the kernel.
+    exactly when ``momentum != 0``.  ``grad_scale``/``found_inf``/``l1_*`` and a tensor
+    ``lr``/``alpha`` are 1-element float32 tensors on that device, read and written only
+    by the kernel.  ``workspace`` (a dict kept between calls) caches the kernel's table
+    on the device, so an unchanged set of tensors costs no upload and the step can be
+    captured in a CUDA graph after a warm-up step.
     """
     ext = load_extension()
+    lr, lr_tensor = _scalar_arg(lr)
+    alpha, alpha_tensor = _scalar_arg(alpha)
     ext.pilot_step(
         list(xs),
         list(grads),
@@ -105,15 +122,18 @@ def pilot_step(
         None if momentum_ms is None else list(momentum_ms),
         None if momentum_ws is None else list(momentum_ws),
         [bool(f) for f in firsts],
-        float(lr),
+        lr,
+        lr_tensor,
         float(momentum),
         float(dampening),
         bool(nesterov),
-        float(alpha),
+        alpha,
+        alpha_tensor,
         float(weight_decay),
         bool(maximize),
         grad_scale,
         found_inf,
         l1_accum,
         l1_clear,
+        workspace,
     )

@@ -63,24 +63,34 @@ def _pilot_step_kernel(
     grad_scale_ptr,       # fp32 [1] (AMP) or dummy
     found_inf_ptr,        # fp32 [1] (AMP) or dummy
     l1_accum_ptr,         # fp32 scalar: Σ|m·w| is added here
-    l1_clear_ptr,         # fp32 scalar: zeroed by program 0
-    lr,
+    l1_clear_ptr,         # fp32 scalar: zeroed by program 0 when CLEAR_L1
+    lr,                   # float, or a pointer to it when LR_ON_DEVICE
     momentum,
     one_minus_dampening,
-    two_alpha,
+    alpha,                # float, or a pointer to it when ALPHA_ON_DEVICE
     weight_decay,
     X_DTYPE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    ALPHA_ON_DEVICE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    CLEAR_L1: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,   # ≥ ceil(log2(n_tensors)) + 1
     BLOCK: tl.constexpr,
     ROW: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    # Capturable mode: lr and alpha live in device memory so a replayed CUDA graph
+    # sees their current values.
+    if LR_ON_DEVICE:
+        lr = tl.load(lr)
+    if ALPHA_ON_DEVICE:
+        alpha = tl.load(alpha)
+    two_alpha = 2.0 * alpha
 
     # Which tensor does this program work on?  Binary search for the last row whose
     # first block is <= pid: ~log2(n) scalar loads that hit L2, instead of a
@@ -155,8 +165,9 @@ def _pilot_step_kernel(
     if HAS_FOUND_INF:
         x = tl.where(write, x, m * w)
     tl.atomic_add(l1_accum_ptr, tl.sum(tl.abs(x), axis=0))
-    if pid == 0:
-        tl.store(l1_clear_ptr, 0.0)
+    if CLEAR_L1:
+        if pid == 0:
+            tl.store(l1_clear_ptr, 0.0)
 
 
 # ----------------------------------------------------------------------- launcher
@@ -174,45 +185,66 @@ def _fusable(x: Tensor, *others: Optional[Tensor]) -> bool:
     return all(t is None or t.stride() == stride for t in others)
 
 
+def _kernel_table(rows: list[tuple], device: torch.device, workspace: Optional[dict]) -> Tensor:
+    """The int64 table on the device, re-uploaded only when an address or flag changed.
+
+    Gradients may move between steps (``zero_grad(set_to_none=True)``), so the rows are
+    rebuilt on the host every step, but comparing them with the cached ones is far
+    cheaper than a new pinned tensor and copy.
+    """
+    if workspace is not None and workspace.get("rows") == rows:
+        return workspace["table"]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "PILoT cannot upload its kernel table while a CUDA graph is being captured: run a "
+            "warm-up step with the same gradient tensors before capturing, and keep gradients "
+            "allocated across steps (opt.zero_grad(set_to_none=False))"
+        )
+    host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = host.to(device, non_blocking=True)
+    if workspace is not None:
+        # The pinned host tensor is kept alive with the table: the async copy reads it.
+        workspace.update(rows=rows, table=table, host=host)
+    return table
+
+
 def _launch(xs, grads, ms, ws, bms, bws, firsts, *, lr, momentum, dampening, nesterov, alpha,
-            weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear) -> None:
+            weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear, workspace) -> None:
     device, dtype = xs[0].device, xs[0].dtype
     has_momentum = momentum != 0
     rows, n_blocks = [], 0
     for i, (x, g, m, w) in enumerate(zip(xs, grads, ms, ws)):
         numel = x.numel()
-        bm = bms[i] if has_momentum else None
-        bw = bws[i] if has_momentum else None
         rows.append((
             x.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(),
-            bm.data_ptr() if has_momentum else 0, bw.data_ptr() if has_momentum else 0,
+            bms[i].data_ptr() if has_momentum else 0, bws[i].data_ptr() if has_momentum else 0,
             numel, n_blocks, int(firsts[i]),
         ))
         n_blocks += triton.cdiv(numel, BLOCK_SIZE)
-    on_gpu = device.type == "cuda"
-    # The table is rebuilt each step because gradients may move between steps
-    # (zero_grad(set_to_none=True)); a pinned non-blocking copy keeps the host async.
-    table = torch.tensor(rows, dtype=torch.int64, pin_memory=on_gpu).to(device, non_blocking=True)
-    dummy = l1_accum
+    table = _kernel_table(rows, device, workspace)
+    lr_on_device, alpha_on_device = isinstance(lr, Tensor), isinstance(alpha, Tensor)
     _pilot_step_kernel[(n_blocks,)](
         table,
         len(rows),
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
+        grad_scale if grad_scale is not None else l1_accum,   # any pointer when unused
+        found_inf if found_inf is not None else l1_accum,
         l1_accum,
-        l1_clear,
-        float(lr),
+        l1_clear if l1_clear is not None else l1_accum,
+        lr if lr_on_device else float(lr),
         float(momentum),
         1.0 - float(dampening),
-        2.0 * float(alpha),
+        alpha if alpha_on_device else float(alpha),
         float(weight_decay),
         X_DTYPE=_TL_DTYPE[dtype],
+        LR_ON_DEVICE=lr_on_device,
+        ALPHA_ON_DEVICE=alpha_on_device,
         HAS_MOMENTUM=has_momentum,
         NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize),
         HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        CLEAR_L1=l1_clear is not None,
         SEARCH_STEPS=max(1, len(rows).bit_length()),
         BLOCK=BLOCK_SIZE,
         ROW=ROW,
@@ -241,6 +273,7 @@ def pilot_step(
     found_inf: Optional[Tensor] = None,
     l1_accum: Optional[Tensor] = None,
     l1_clear: Optional[Tensor] = None,
+    workspace: Optional[dict] = None,
 ) -> None:
     """Fused PILoT step; same contract as :func:`pilot_kernels.kernels.reference.pilot_step`.
 
@@ -265,8 +298,6 @@ def pilot_step(
 
     if l1_accum is None:  # the kernel always reduces; give it somewhere to write
         l1_accum = torch.zeros((), dtype=torch.float32, device=xs[0].device)
-    if l1_clear is None:
-        l1_clear = torch.zeros((), dtype=torch.float32, device=xs[0].device)
     hparams = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, alpha=alpha,
                    weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
                    found_inf=found_inf)
@@ -277,7 +308,7 @@ def pilot_step(
     if fused:
         _launch(pick(xs, fused), pick(grads, fused), pick(ms, fused), pick(ws, fused),
                 pick(momentum_ms, fused), pick(momentum_ws, fused), pick(firsts, fused),
-                l1_accum=l1_accum, l1_clear=l1_clear, **hparams)
+                l1_accum=l1_accum, l1_clear=l1_clear, workspace=workspace, **hparams)
     if slow:
         reference.pilot_step(pick(xs, slow), pick(grads, slow), pick(ms, slow), pick(ws, slow),
                              pick(momentum_ms, slow), pick(momentum_ws, slow), pick(firsts, slow),

@@ -35,6 +35,7 @@ def pilot_step(
     found_inf: Optional[Tensor] = None,
     l1_accum: Optional[Tensor] = None,
     l1_clear: Optional[Tensor] = None,
+    workspace: Optional[dict] = None,
 ) -> None:
     """One PILoT step, in place, for tensors of one (device, param group).
 
@@ -51,6 +52,10 @@ def pilot_step(
         l1_accum: 0-dim fp32 tensor; ``Σ|m⊙w|`` of the new values is *added* to it.
         l1_clear: 0-dim fp32 tensor zeroed by this call (the optimizer's next
             accumulator; see ``PILoT.l1_norm``).
+        workspace: scratch space a fused backend may keep between calls (unused here).
+
+    ``lr`` and ``alpha`` may also be 0-dim fp32 tensors on the device (capturable
+    mode); they are then read on the device, never on the host.
     """
     if l1_clear is not None:
         l1_clear.zero_()

@@ -1,0 +1,372 @@
+"""Training throughput with PILoT against dense SGD and the naive reparameterization.
+
+A torchvision model (``--arch``, default resnet50) trains on one synthetic batch that
+lives on the device (``--batch-size``, default 256, ``--image-size`` 224), under bf16
+autocast and channels_last, for ``--warmup`` iterations and then ``--iters`` timed ones
+(synchronized before and after).  Per provider one row:
+
+  img_per_s        images per second over the timed iterations
+  rel_dense        img_per_s / dense's img_per_s (target for PILoT: >= 0.99)
+  peak_mem_mib     torch.cuda.max_memory_allocated over the timed iterations
+  step_host_us     host time of ``opt.step()`` alone: time.perf_counter around the call,
+                   no sync inside, device idle before it (median of --host-iters);
+                   target <= 50 us for ResNet-50's 161 tensors.  On the CPU it is the
+                   whole step.
+  step_gpu_us      the step's span on the GPU timeline during the timed loop (CUDA events
+                   around ``opt.step()``; it includes gaps where the GPU waits on the host)
+  step_kernel_us   summed device-kernel time of one step (torch.profiler)
+  step_launches    device kernels in one step (CPU: aten ops dispatched)
+  step_bytes       analytic bytes of the step (``_env.step_bytes``); step_gbps = step_bytes
+                   over step_kernel_us (CUDA) or step_host_us (CPU)
+
+Providers: ``dense`` (torch.optim.SGD fused), ``pilot_triton``, ``pilot_cuda``,
+``pilot_reference`` (PILoT with that backend), ``naive`` (every ndim >= 2 weight
+reparameterized with ``torch.nn.utils.parametrize`` as m·w, SGD foreach on m, w).
+
+GPU:   python benchmarks/bench_training.py --profile /tmp/traces
+CPU:   python benchmarks/bench_training.py --device cpu --quick --out /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:  # python -m benchmarks.bench_training
+    from . import _env
+    from .bench_step import count_launches, naive_parametrize, naive_sgd
+except ImportError:  # python benchmarks/bench_training.py, or benchmarks/ on sys.path
+    import _env
+    from bench_step import count_launches, naive_parametrize, naive_sgd
+
+PROVIDERS = ("dense", "pilot_triton", "pilot_cuda", "pilot_reference", "naive")
+GPU_DEFAULT = ("dense", "pilot_triton", "pilot_cuda", "naive")
+CPU_DEFAULT = ("dense", "pilot_reference", "pilot_triton", "pilot_cuda", "naive")
+
+COLUMNS = (
+    "arch", "provider", "status", "batch_size", "image_size", "amp", "channels_last",
+    "n_tensors", "n_reparam", "n_params", "warmup", "iters", "iter_ms", "img_per_s", "rel_dense",
+    "peak_mem_mib", "step_host_us", "step_host_p80_us", "step_gpu_us", "step_kernel_us",
+    "step_launches", "launch_counter", "step_bytes", "step_gbps",
+)
+
+
+class Unavailable(Exception):
+    pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(vals: list[float]) -> Optional[float]:
+    if not vals:
+        return None
+    v = sorted(vals)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+
+def _p80(vals: list[float]) -> Optional[float]:
+    if not vals:
+        return None
+    v = sorted(vals)
+    return v[min(len(v) - 1, math.ceil(0.8 * (len(v) - 1)))]
+
+
+def _check_provider(provider: str, device: torch.device) -> None:
+    if provider in ("pilot_triton", "pilot_cuda") and device.type != "cuda":
+        raise Unavailable("needs a CUDA device")
+    if provider == "pilot_cuda":
+        import importlib
+
+        try:
+            importlib.import_module("pilot_kernels.kernels.fused_cuda")
+        except Exception as e:
+            raise Unavailable(f"pilot_kernels.kernels.fused_cuda: {_env.short_reason(e)}") from None
+
+
+def build(provider: str, args, device: torch.device):
+    """Model (on ``device``, channels_last) and optimizer for ``provider``, same init for all.
+
+    Returns ``(model, opt, step_bytes, shapes)``, ``shapes`` those of the model's own
+    parameters (before any reparameterization).
+    """
+    models = _env.import_torchvision_models()
+    torch.manual_seed(args.seed)
+    model = getattr(models, args.arch)(num_classes=args.num_classes)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    dtype = next(model.parameters()).dtype
+    mom = args.momentum != 0
+    if provider == "dense":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, fused=True)
+        nbytes = _env.step_bytes(shapes, "sgd", dtype, mom)
+    elif provider.startswith("pilot_"):
+        from pilot_kernels import PILoT
+
+        opt = PILoT(model.parameters(), lr=args.lr, momentum=args.momentum, alpha=args.alpha,
+                    backend=provider.removeprefix("pilot_"))
+        nbytes = _env.step_bytes(shapes, "pilot", dtype, mom)
+    elif provider == "naive":
+        with torch.no_grad():
+            factors, others = naive_parametrize(model)
+        opt = naive_sgd(factors, others, lr=args.lr, momentum=args.momentum, alpha=args.alpha)
+        # The step is SGD on the fp32 factors m and w (the product and its backward are
+        # part of forward/backward, so they show in img/s, not here).
+        sgd = _env.bytes_per_element("sgd", torch.float32, mom)
+        nbytes = sum(math.prod(s) * (2 * sgd if _env.is_reparameterized(s) else
+                                     _env.bytes_per_element("sgd", dtype, mom)) for s in shapes)
+    else:
+        raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+    return model, opt, nbytes, shapes
+
+
+def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "arch": args.arch, "provider": provider, "batch_size": args.batch_size,
+        "image_size": args.image_size, "amp": args.amp, "channels_last": args.channels_last,
+        "warmup": args.warmup, "iters": args.iters,
+    }
+    model = opt = images = labels = None
+    try:
+        _check_provider(provider, device)
+        model, opt, nbytes, shapes = build(provider, args, device)
+        row.update(n_tensors=len(shapes), n_reparam=sum(_env.is_reparameterized(s) for s in shapes),
+                   n_params=sum(math.prod(s) for s in shapes), step_bytes=nbytes)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen,
+                             device=device)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen, device=device)
+        model.train()
+
+        def fwd_bwd() -> None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+
+        # warm-up: compiles kernels, allocates momentum buffers, settles cudnn autotuning
+        for _ in range(args.warmup):
+            fwd_bwd()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # timed iterations, with CUDA events around each step (no sync inside the loop)
+        cuda = device.type == "cuda"
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(args.iters)] if cuda else []
+        host: list[float] = []
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(args.iters):
+            fwd_bwd()
+            if cuda:
+                ev[i][0].record()
+            t1 = time.perf_counter()
+            opt.step()
+            host.append(1e6 * (time.perf_counter() - t1))
+            if cuda:
+                ev[i][1].record()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        row.update(status="ok", iter_ms=1e3 * elapsed / args.iters,
+                   img_per_s=args.batch_size * args.iters / elapsed)
+        if cuda:
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            row["step_gpu_us"] = _median([1e3 * a.elapsed_time(b) for a, b in ev])
+            # Host cost of step() alone: inside the loop above the launch queue may be
+            # full and block the host, so measure again with the device idle before the
+            # call and no sync inside it.
+            host = []
+            for _ in range(args.host_iters):
+                fwd_bwd()
+                _sync(device)
+                t1 = time.perf_counter()
+                opt.step()
+                host.append(1e6 * (time.perf_counter() - t1))
+                opt.zero_grad(set_to_none=True)
+            _sync(device)
+        # (on the CPU the step is synchronous: the loop's samples are the whole step)
+        row.update(step_host_us=_median(host), step_host_p80_us=_p80(host))
+
+        # kernels in one step and their summed time
+        fwd_bwd()
+        _sync(device)
+        try:
+            prof = count_launches(opt.step, device)
+            row.update(step_launches=prof["launches"], launch_counter=prof["launch_counter"],
+                       step_kernel_us=prof["kernel_us"])
+        except Exception as e:
+            print(f"  [profiler failed for {provider}: {_env.short_reason(e)}]")
+        opt.zero_grad(set_to_none=True)
+        step_us = row.get("step_kernel_us") if cuda else row.get("step_host_us")
+        if step_us:
+            row["step_gbps"] = nbytes / (step_us * 1e-6) / 1e9
+
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                for _ in range(args.profile_iters):
+                    fwd_bwd()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                _sync(device)
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            trace = Path(args.profile) / f"trace-{args.arch}-{provider}-{device.type}.json"
+            prof.export_chrome_trace(str(trace))
+            row["trace"] = str(trace)
+    except Unavailable as e:
+        row["status"] = f"unavailable: {e}"
+    except torch.cuda.OutOfMemoryError as e:
+        row["status"] = f"skipped: out of memory ({_env.short_reason(e, 120)})"
+    except Exception as e:
+        row["status"] = (f"unavailable: {_env.short_reason(e)}" if provider == "pilot_cuda"
+                         else f"error: {_env.short_reason(e)}")
+    finally:
+        del model, opt, images, labels
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def evaluate_targets(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {"status": "owed: no GPU measurement yet (CPU run; targets apply to CUDA runs only)"}
+    checks = []
+    for r in rows:
+        if r["status"] != "ok" or r["provider"] not in ("pilot_triton", "pilot_cuda"):
+            continue
+        if r.get("rel_dense") is not None:
+            checks.append({"target": "training >= 99% of dense img/s", "case": r["provider"],
+                           "value": r["rel_dense"], "pass": r["rel_dense"] >= 0.99})
+        if r.get("step_host_us") is not None:
+            checks.append({"target": f"host step <= 50 us ({r['n_tensors']} tensors)",
+                           "case": r["provider"], "value": r["step_host_us"],
+                           "pass": r["step_host_us"] <= 50.0})
+    return {"status": "measured", "checks": checks}
+
+
+def _f(v: Any, spec: str, width: int) -> str:
+    return f"{v:{spec}}".rjust(width) if isinstance(v, (int, float)) else "-".rjust(width)
+
+
+def format_row(r: dict[str, Any]) -> str:
+    head = f"{r['arch']:<10}{r['provider']:<16}"
+    if r["status"] != "ok":
+        return head + r["status"]
+    return (head + _f(r["img_per_s"], ".1f", 10) + " img/s" + _f(r.get("rel_dense"), ".3f", 7)
+            + _f(r.get("peak_mem_mib"), ".0f", 8) + " MiB" + _f(r.get("step_host_us"), ".1f", 10)
+            + " us host" + _f(r.get("step_gpu_us"), ".1f", 9) + " us gpu"
+            + _f(r.get("step_kernel_us"), ".1f", 9) + " us kern" + _f(r.get("step_launches"), "d", 6)
+            + f" {r.get('launch_counter') or ''}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI smoke: resnet18 at 32x32, batch 4, 1 warm-up, 2 iterations")
+    ap.add_argument("--arch", default=None, help="torchvision model name (default resnet50)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 256")
+    ap.add_argument("--image-size", type=int, default=None, help="default 224")
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 10)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 50)")
+    ap.add_argument("--host-iters", type=int, default=None,
+                    help="CUDA: iterations for the host cost of step() with the device idle (default 20)")
+    ap.add_argument("--providers", default=None, help=f"comma list of {PROVIDERS} (default on CUDA: "
+                    f"{','.join(GPU_DEFAULT)}; on CPU: {','.join(CPU_DEFAULT)})")
+    ap.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--alpha", type=float, default=1e-5)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="write a torch.profiler chrome trace per provider into DIR")
+    ap.add_argument("--profile-iters", type=int, default=3)
+    ap.add_argument("--out", default=str(_env.DEFAULT_RESULTS_DIR), help="results folder")
+    ap.add_argument("--name", default=None, help="file stem (default: training-<device>-<UTC time>; "
+                    "cpu-smoke-training-<time> for a CPU --quick run)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    q = args.quick
+    defaults = dict(arch=("resnet18", "resnet50"), batch_size=(4, 256), image_size=(32, 224),
+                    warmup=(1, 10), iters=(2, 50), host_iters=(5, 20))
+    for k, (quick_v, full_v) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick_v if q else full_v)
+    if args.iters < 1:
+        ap.error("--iters must be >= 1")
+    on_gpu = args.device.type == "cuda"
+    args.providers = _env.parse_list(args.providers or ",".join(GPU_DEFAULT if on_gpu else CPU_DEFAULT))
+    for p in args.providers:
+        if p not in PROVIDERS:
+            ap.error(f"unknown provider {p!r}; choose from {PROVIDERS}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = _env.environment(device)
+    print(f"# bench_training on {env['device_name']} (driver {env['driver']}), torch {env['torch']}, "
+          f"commit {str(env['git_commit'])[:12]}{'+dirty' if env['git_dirty'] else ''}")
+    print(f"# {args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"amp bf16={args.amp}, channels_last={args.channels_last}, warmup {args.warmup}, iters {args.iters}")
+    if device.type != "cuda":
+        print("# CPU run: a smoke test of the harness, not a measurement")
+
+    rows = []
+    for provider in args.providers:
+        row = run_provider(provider, args, device)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    dense = next((r for r in rows if r["provider"] == "dense" and r["status"] == "ok"), None)
+    for r in rows:
+        if dense and r["status"] == "ok":
+            r["rel_dense"] = r["img_per_s"] / dense["img_per_s"]
+
+    targets = evaluate_targets(rows, device)
+    stem = args.name or _env.results_stem("training", env, args.quick)
+    arg_record = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    paths = _env.write_results(args.out, stem, rows, env=env, args=arg_record, columns=COLUMNS,
+                               extra={"targets": targets})
+    print("# summary (rel_dense = img/s over dense's):")
+    for r in rows:
+        print("#   " + format_row(r))
+    if targets.get("checks"):
+        for c in targets["checks"]:
+            print(f"#   {'PASS' if c['pass'] else 'FAIL'} {c['target']:<36} {c['case']:<14} {c['value']:.3f}")
+    else:
+        print(f"# targets: {targets['status']}")
+    print("# wrote " + ", ".join(str(p) for p in paths.values()))
+    return {**paths, "rows": rows, "targets": targets}
+
+
+if __name__ == "__main__":
+    main()
