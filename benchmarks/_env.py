@@ -259,3 +259,18 @@ def short_reason(exc: BaseException, limit: int = 200) -> str:
     """One line naming an exception, for the ``status`` column."""
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def add_output_args(ap, script: str) -> None:
+    """``--out``, ``--name`` and ``--seed``, shared by every benchmark script."""
+    ap.add_argument("--out", default=str(DEFAULT_RESULTS_DIR), help="results folder")
+    ap.add_argument("--name", default=None, help=f"file stem (default: {script}-<device>-<UTC time>; "
+                    f"cpu-smoke-{script}-<time> for a CPU --quick run)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def resolve_device(ap, args) -> None:
+    """``args.device`` as a torch.device (CUDA when available), or an argparse error."""
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")

@@ -634,15 +634,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip counting launches with torch.profiler")
     ap.add_argument("--no-plot", dest="plot", action="store_false")
-    ap.add_argument("--out", default=str(_env.DEFAULT_RESULTS_DIR), help="results folder")
-    ap.add_argument("--name", default=None, help="file stem (default: step-<device>-<UTC time>; "
-                    "cpu-smoke-step-<time> for a CPU --quick run)")
-    ap.add_argument("--seed", type=int, default=0)
+    _env.add_output_args(ap, "step")
     args = ap.parse_args(argv)
 
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    _env.resolve_device(ap, args)
     on_gpu = args.device.type == "cuda"
     args.shapes = _env.parse_list(args.shapes)
     args.providers = _env.parse_list(args.providers)

@@ -303,15 +303,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="write a torch.profiler chrome trace per provider into DIR")
     ap.add_argument("--profile-iters", type=int, default=3)
-    ap.add_argument("--out", default=str(_env.DEFAULT_RESULTS_DIR), help="results folder")
-    ap.add_argument("--name", default=None, help="file stem (default: training-<device>-<UTC time>; "
-                    "cpu-smoke-training-<time> for a CPU --quick run)")
-    ap.add_argument("--seed", type=int, default=0)
+    _env.add_output_args(ap, "training")
     args = ap.parse_args(argv)
 
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    _env.resolve_device(ap, args)
     q = args.quick
     defaults = dict(arch=("resnet18", "resnet50"), batch_size=(4, 256), image_size=(32, 224),
                     warmup=(1, 10), iters=(2, 50), host_iters=(5, 20))
