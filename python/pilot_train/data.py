@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .compat import import_torchvision
+from pilot_kernels.compat import import_torchvision
+from .models import DIGITS_ARCH
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -176,7 +177,7 @@ def build_data(args, rank: int, world_size: int, device: torch.device, in_channe
     if args.synthetic:
         if args.data_path:
             raise ValueError("--synthetic and --data-path exclude each other")
-        embedded = not args.data_path and args.arch == "digits_cnn"
+        embedded = args.arch == DIGITS_ARCH
         size = args.image_size if embedded else args.train_crop_size
         num_classes = 10 if embedded else args.num_classes
         shape = (in_channels, size, size)

@@ -75,6 +75,20 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+@torch.no_grad()
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, so after the last training step
+    every rank holds statistics updated by its own last batch; syncing them lets all
+    ranks evaluate (and rank 0 save) one and the same model.
+    """
+    if not dist.is_initialized():
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .compat import import_torchvision
+from pilot_kernels.compat import import_torchvision
 
 DIGITS_ARCH = "digits_cnn"
 
 
 class DigitsCNN(nn.Module):
-    """A small VGG-style CNN for 16×16 digit images (about 0.1 M weights).
+    """A small VGG-style CNN for 16×16 digit images (61 k parameters).
 
     Four 3×3 conv + BatchNorm + ReLU blocks (max-pooling after the second and third),
     global average pooling and a linear classifier.  Convolutions have no bias (the
@@ -17,7 +17,7 @@ class DigitsCNN(nn.Module):
     tensors PILoT reparameterizes — is a conv kernel or the classifier matrix.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 96, 96)):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 64)):
         super().__init__()
         a, b, c, d = widths
 

@@ -1,0 +1,142 @@
+"""One training epoch and one evaluation pass (metrics all-reduced over ranks)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .dist import DistInfo, all_reduce_sum
+from .methods import add_l1_subgradient_
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: Optional[str]):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _to_device(images, targets, device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def train_one_epoch(
+    model: nn.Module,
+    model_without_ddp: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    loader,
+    args,
+    info: DistInfo,
+    scaler: Optional[torch.amp.GradScaler],
+    masks=None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Train one epoch; returns all-reduced ``loss``, ``acc`` (percent), ``images``,
+    and this rank's ``time_s``, ``images_per_s`` and ``lr`` (of the epoch's last step).
+
+    ``masks`` (:class:`~pilot_train.pruning.Masks`, iterative pruning of dense/l1) zeroes
+    the pruned gradients before the step and the pruned weights after it.
+    """
+    model.train()
+    device = info.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    last_lr = float("nan")
+    steps = len(loader)
+    bar = _progress(loader, steps, desc, info.is_main and args.progress)
+    start = time.perf_counter()
+    for i, (images, targets) in enumerate(bar):
+        images, targets = _to_device(images, targets, device, args.channels_last)
+        with autocast(device, args.amp):
+            output = model(images)
+            loss = criterion(output, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if masks is not None:
+            masks.mask_grads_()
+        if args.method == "l1":
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            add_l1_subgradient_(model_without_ddp, args.alpha)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if masks is not None:
+            masks.mask_weights_()
+        last_lr = optimizer.param_groups[0]["lr"]
+        lr_scheduler.step()
+
+        n = targets.shape[0]
+        seen += n
+        loss_sum += loss.detach().double() * n
+        correct += (output.detach().argmax(dim=1) == targets).sum()
+        if args.print_freq > 0 and (i % args.print_freq == 0 or i == steps - 1) and info.is_main:
+            msg = dict(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(msg, refresh=False)
+            elif args.log_iters:
+                print(f"  {desc} [{i + 1}/{steps}] " + " ".join(f"{k} {v}" for k, v in msg.items()), flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    loss_total, correct_total, n_total = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], device)
+    return {
+        "loss": loss_total / max(n_total, 1),
+        "acc": 100.0 * correct_total / max(n_total, 1),
+        "images": int(n_total),
+        "time_s": elapsed,
+        "images_per_s": n_total / elapsed if elapsed > 0 else float("nan"),
+        "lr": float(last_lr),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader, args, info: DistInfo, desc: str = "val",
+             progress: bool = True) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean loss over the whole validation set."""
+    model.eval()
+    device = info.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    bar = _progress(loader, len(loader), desc, info.is_main and args.progress and progress)
+    for images, targets in bar:
+        images, targets = _to_device(images, targets, device, args.channels_last)
+        with autocast(device, args.amp):
+            output = model(images)
+            loss = criterion(output, targets)
+        k = min(5, output.shape[1])
+        top = output.float().topk(k, dim=1).indices
+        hit = top == targets[:, None]
+        n = targets.shape[0]
+        sums += torch.stack([
+            loss.double() * n,
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            torch.tensor(float(n), dtype=torch.float64, device=device),
+        ])
+    loss_sum, top1, top5, n = all_reduce_sum(sums.tolist(), device)
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}

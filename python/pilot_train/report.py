@@ -1,0 +1,92 @@
+"""The accuracy-vs-sparsity sweep: table, JSON and plot (shared with the benchmarks)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+# Finer than spred's 1 − 10^(−c) list in the range that matters, and including it.
+DEFAULT_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999,
+                 0.9999, 0.99999, 0.999999)
+
+
+def sweep_rows(results: Iterable[tuple[float, float, dict[str, float]]]) -> list[dict[str, float]]:
+    """``pilot_kernels.sparsity.sweep`` output (``fn`` returning an eval dict) as rows."""
+    return [{"target": s, "sparsity": measured, "top1": r["top1"], "top5": r["top5"], "loss": r["loss"]}
+            for s, measured, r in results]
+
+
+def best_within(rows: Sequence[dict[str, float]], drop: float = 1.0) -> Optional[dict[str, float]]:
+    """The sparsest row whose top-1 is at most ``drop`` points below the unpruned row's
+    (the paper's selection: "the level just before the accuracy drops 1%")."""
+    if not rows:
+        return None
+    base = rows[0]["top1"]
+    ok = [r for r in rows if r["top1"] >= base - drop]
+    return max(ok, key=lambda r: r["sparsity"]) if ok else None
+
+
+def format_table(rows: Sequence[dict[str, float]], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'target':>9}  {'sparsity':>9}  {'remaining':>10}  {'top-1':>7}  {'top-5':>7}")
+    for r in rows:
+        remaining = 1.0 - r["sparsity"]
+        lines.append(f"{100 * r['target']:>8.4f}%  {100 * r['sparsity']:>8.4f}%  {100 * remaining:>9.4f}%  "
+                     f"{r['top1']:>6.2f}%  {r['top5']:>6.2f}%")
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(payload), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_sweeps(path: str, series: dict[str, Sequence[dict[str, float]]], title: str = "",
+                bands: Optional[dict[str, tuple[Sequence[float], Sequence[float]]]] = None) -> None:
+    """Top-1 vs sparsity, one line per series; x axis in ``-log10(1 - sparsity)`` so the
+    high-sparsity end is readable (ticks labelled in percent).  ``bands`` (name →
+    (low, high) per row) draws a shaded range, e.g. min/max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xpos(s: float) -> float:
+        return -math.log10(max(1.0 - s, 1e-7))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in series.items():
+        xs = [xpos(r["sparsity"]) for r in rows]
+        ys = [r["top1"] for r in rows]
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    top = max((r["sparsity"] for rows in series.values() for r in rows), default=0.0)
+    ticks = [t for t in (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 0.99999, 0.999999)
+             if t <= top + 1e-9]
+    ax.set_xticks([xpos(t) for t in ticks])
+    ax.set_xticklabels([f"{100 * t:g}%" for t in ticks], rotation=45)
+    ax.set_xlabel("sparsity (fraction of weights pruned by magnitude, no fine-tuning)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

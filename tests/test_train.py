@@ -1,0 +1,328 @@
+"""End-to-end tests of ``python/train.py`` (CPU, small: 1–2 epochs of tiny models).
+
+Every run writes into ``tmp_path``; nothing is downloaded.  The ImageFolder tests write
+real JPEG files with PIL at test time; the default data is scikit-learn's embedded
+digits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PYDIR = ROOT / "python"
+sys.path.insert(0, str(PYDIR))
+
+import train  # noqa: E402
+from pilot_train import checkpoint as ckpt  # noqa: E402
+from pilot_train.data import ImageLoadError, pil_loader_naming_path  # noqa: E402
+from pilot_train.models import DigitsCNN, build_model  # noqa: E402
+
+from pilot_kernels import PILoT  # noqa: E402
+from pilot_kernels.sparsity import sparsity_report  # noqa: E402
+
+# Short runs on the embedded digits: few epochs, a short sweep, no bars.
+FAST = ["--no-progress", "--print-freq", "0", "--sweep-sparsities", "0,0.5,0.9", "--seed", "0"]
+
+
+def run_train(tmp_path: Path, *extra: str, out: str = "run") -> dict:
+    return train.main([*FAST, "--output-dir", str(tmp_path / out), *extra])
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog"), per_split=(6, 3), size=40) -> Path:
+    """A tiny ImageFolder of real JPEGs: class ``i`` is a bright square at a place of its own."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_split):
+        for ci, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                o = 4 + 16 * ci
+                img[o:o + 14, o:o + 14] = 230
+                Image.fromarray(img).save(d / f"{k}.jpg", format="JPEG")
+    return root
+
+
+def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------- data
+def test_imagefolder_jpeg_end_to_end(tmp_path):
+    data = write_imagefolder(tmp_path / "data")
+    res = run_train(tmp_path, "--data-path", str(data), "--arch", "resnet18", "--epochs", "1", "-b", "4", "-j", "0",
+                    "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32")
+    out = tmp_path / "run"
+    assert res["history"][0]["train"]["images"] == 12  # 2 classes x 6 (three full batches of 4)
+    assert res["history"][0]["val"]["images"] == 6
+    tv_model = build_model("resnet18", num_classes=2)  # the unmodified torchvision model
+    tv_model.load_state_dict(torch.load(out / "sparse_model.pt", weights_only=True), strict=True)
+    for name in ("checkpoint.pt", "metrics.jsonl", "sweep.json", "sweep.png", "sparse_model.json"):
+        assert (out / name).is_file(), name
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    data = write_imagefolder(tmp_path / "data", per_split=(2, 1))
+    bad = data / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" + os.urandom(64))
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        pil_loader_naming_path(str(bad))
+    with pytest.raises(ImageLoadError, match=re.escape(str(bad))):
+        run_train(tmp_path, "--data-path", str(data), "--arch", "resnet18", "--epochs", "1", "-b", "8", "-j", "0",
+                  "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32")
+
+
+def test_synthetic_throughput_mode(tmp_path):
+    res = run_train(tmp_path, "--synthetic", "--arch", "digits_cnn", "--synthetic-steps", "3", "--epochs", "1", "-b", "16")
+    assert res["history"][0]["train"]["images"] == 48
+    assert "sweep" not in res  # accuracy on random data means nothing
+
+
+# ---------------------------------------------------------------------- embedded default
+def test_embedded_default_shortened(tmp_path):
+    """The no-flag job (embedded digits, PILoT), shortened: logs, sweep, export."""
+    res = run_train(tmp_path, "--epochs", "2")
+    out = tmp_path / "run"
+    args = res["args"]
+    assert (args.method, args.arch, args.beta, args.alpha_schedule) == ("pilot", "digits_cnn", 1.0, "adaptive")
+    assert isinstance(res["optimizer"], PILoT)
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    rec = lines[-1]
+    for key in ("train", "val", "alpha", "l1", "sparsity", "lr"):
+        assert key in rec
+    assert set(rec["sparsity"]) == {"0", "0.0001", "0.001", "0.01"}
+    assert rec["train"]["acc"] > 40  # two epochs already learn (val follows later: α is strong early)
+    assert abs(rec["l1"] - float(res["optimizer"].l1_norm())) < 1e-3 * rec["l1"]
+    # Algorithm 1 after epoch 1 of T = 2: accuracy rose from a_0 = 0, L1 > K and k <= T/2: α·δ.
+    assert lines[0]["alpha"] == pytest.approx(args.alpha * args.delta, rel=1e-9)
+
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["target"] for r in sweep["rows"]] == [0.0, 0.5, 0.9]
+    meta = json.loads((out / "sparse_model.json").read_text())
+    sd = torch.load(out / "sparse_model.pt", weights_only=True)
+    fresh = DigitsCNN()
+    fresh.load_state_dict(sd, strict=True)
+    measured = sparsity_report(fresh).sparsity  # exact zeros in the tensors with ndim >= 2
+    assert measured == pytest.approx(meta["sparsity"], abs=1e-12)
+    assert measured == pytest.approx(meta["target_sparsity"], abs=1e-3)
+    assert measured == pytest.approx(res["export_measured_sparsity"], abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dense", "pilot", "spred", "l1"])
+def test_each_method_end_to_end(tmp_path, method):
+    res = run_train(tmp_path, "--method", method, "--epochs", "2", "--export-sparsity", "0.5")
+    rec = res["history"][-1]
+    assert rec["train"]["acc"] > 40, rec
+    assert uses_pilot(method) == isinstance(res["optimizer"], PILoT)
+    if method == "spred":
+        assert res["args"].beta == 0.0 and res["args"].alpha_schedule == "constant"
+    sd = torch.load(tmp_path / "run" / "sparse_model.pt", weights_only=True)
+    fresh = DigitsCNN()
+    fresh.load_state_dict(sd, strict=True)
+    assert sparsity_report(fresh).sparsity == pytest.approx(0.5, abs=1e-4)
+
+
+def uses_pilot(method: str) -> bool:
+    return method in ("pilot", "spred")
+
+
+def test_pilot_param_groups_and_weight_decay(tmp_path):
+    res = run_train(tmp_path, "--epochs", "1", "--x-weight-decay", "1e-4", "--no-sweep")
+    groups = res["optimizer"].param_groups
+    assert len(groups) == 2
+    assert groups[0]["weight_decay"] == 1e-4 and all(p.ndim >= 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.ndim < 2 for p in groups[1]["params"])
+
+
+def test_amp_fp16_gradscaler(tmp_path):
+    # fp16 convolutions are slow on CPU: a few synthetic steps exercise the GradScaler path.
+    res = run_train(tmp_path, "--synthetic", "--arch", "digits_cnn", "--synthetic-steps", "4", "-b", "16", "--epochs", "2",
+                    "--amp", "fp16", "--channels-last", "--alpha", "1e-3")
+    assert all(math.isfinite(r["train"]["loss"]) for r in res["history"])
+    assert res["history"][-1]["alpha"] > 0
+    assert ckpt.load(str(tmp_path / "run" / "checkpoint.pt"))["scaler"] is not None
+
+
+def test_preset_and_explicit_flags():
+    parser = train.get_args_parser()
+    a = train.resolve_args(parser.parse_args(["--preset", "imagenet-pilot", "--data-path", "/x"]), world_size=1)
+    assert (a.arch, a.epochs, a.batch_size, a.momentum, a.lr_warmup_epochs) == ("resnet50", 100, 256, 0.875, 5)
+    assert (a.method, a.beta, a.alpha, a.l1_threshold, a.delta) == ("pilot", 1.0, 7e-6, 60000.0, 1.01)
+    assert a.lr == pytest.approx(0.256) and a.label_smoothing == 0.1
+    assert a.x_weight_decay == 0.000030517578125 / 2 and a.wd == 0.0
+    b = train.resolve_args(parser.parse_args(["--preset", "imagenet-pilot", "--data-path", "/x", "-b", "64",
+                                              "--alpha", "2e-5"]), world_size=8)
+    assert b.lr == pytest.approx(0.256 * 64 * 8 / 256) and b.alpha == 2e-5
+    with pytest.raises(SystemExit):
+        train.resolve_args(parser.parse_args(["--preset", "imagenet-pilot"]), world_size=1)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_two_epochs_equal_one_resume_one(tmp_path):
+    full = run_train(tmp_path, "--epochs", "2", "--no-sweep", out="full")
+    first = run_train(tmp_path, "--epochs", "2", "--stop-after", "1", "--no-sweep", out="split")
+    assert not first["finished"] and len(first["history"]) == 1
+    second = run_train(tmp_path, "--epochs", "2", "--resume", "auto", "--no-sweep", out="split")
+    assert [r["epoch"] for r in second["history"]] == [1]
+    assert params_equal(full["model"], second["model"])
+    oa, ob = full["optimizer"], second["optimizer"]
+    for pa, pb in zip(full["model"].parameters(), second["model"].parameters()):
+        assert oa.state[pa].keys() == ob.state[pb].keys()
+        for key, value in oa.state[pa].items():
+            other = ob.state[pb][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert oa.param_groups[0]["alpha"] == ob.param_groups[0]["alpha"]
+    assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"]
+    assert full["history"][1]["val"] == second["history"][0]["val"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [0, 1]
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """A write that dies midway (partial bytes, then an error) leaves the previous
+    checkpoint in place and loadable, and no temporary file behind."""
+    out = tmp_path / "run"
+    run_train(tmp_path, "--epochs", "2", "--stop-after", "1", "--no-sweep")
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.seek(0)
+        f.truncate(100)  # what a kill in the middle of the write leaves
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--epochs", "2", "--resume", "auto", "--no-sweep")
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert ckpt.load(str(out / "checkpoint.pt"))["epoch"] == 0
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    res = run_train(tmp_path, "--epochs", "2", "--resume", "auto", "--no-sweep")  # and it resumes
+    assert [r["epoch"] for r in res["history"]] == [1]
+
+
+def test_kill_during_checkpoint_write_subprocess(tmp_path):
+    """SIGKILL of a process in the middle of writing a checkpoint (it stops inside
+    the write) leaves the old checkpoint intact."""
+    out = tmp_path / "ck"
+    out.mkdir()
+    good = {"epoch": 0, "w": torch.arange(10.0)}
+    ckpt.atomic_save(good, str(out / "checkpoint.pt"))
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(PYDIR)!r})
+        from pilot_train import checkpoint as ckpt
+        real = torch.save
+        def save_then_die(obj, f, *a, **k):
+            real(obj, f, *a, **k)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)   # killed before the rename
+        ckpt.torch.save = save_then_die
+        ckpt.atomic_save({{"epoch": 1, "w": torch.zeros(10)}}, {str(out / "checkpoint.pt")!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    loaded = ckpt.load(str(out / "checkpoint.pt"))
+    assert loaded["epoch"] == 0 and torch.equal(loaded["w"], good["w"])
+
+
+# ---------------------------------------------------------------------- iterative pruning
+@pytest.mark.parametrize("method,rewind", [("pilot", "lr"), ("pilot", "weight"), ("dense", "lr"), ("l1", "weight")])
+def test_iterative_pruning_keeps_pruned_entries_zero(tmp_path, method, rewind):
+    res = run_train(tmp_path, "--method", method, "--epochs", "1", "--cycles", "2", "--prune-rate", "0.5",
+                    "--rewind", rewind, "--rewind-epoch", "0" if rewind == "weight" else "1", "--no-sweep")
+    masks, model, opt = res["masks"], res["model"], res["optimizer"]
+    assert [r["cycle"] for r in res["history"]] == [0, 1, 2]
+    assert all(r["pruned_nonzero"] == 0 for r in res["history"][1:])
+    assert masks.sparsity() == pytest.approx(0.75, abs=1e-4)
+    # PILoT keeps the zeros through its own step (m = w = 0 is a fixed point); only
+    # dense/l1 mask gradients and weights.
+    assert masks.enforce == (method in ("dense", "l1"))
+    params = dict(model.named_parameters())
+    for name, keep in masks.keep.items():
+        p = params[name]
+        assert torch.count_nonzero(p[~keep]) == 0, name
+        if isinstance(opt, PILoT):
+            for key in ("m", "w", "momentum_m", "momentum_w"):
+                assert torch.count_nonzero(opt.state[p][key][~keep]) == 0, (name, key)
+    assert res["history"][-1]["train"]["acc"] > 20  # it still trains after pruning
+    assert sparsity_report(model, opt if isinstance(opt, PILoT) else None).sparsity >= 0.75 - 1e-4
+
+
+def test_weight_rewinding_resets_survivors(tmp_path):
+    """With weight rewinding to initialization, one cycle with lr = 0 leaves the model at
+    the initial weights times the mask."""
+    res = run_train(tmp_path, "--method", "dense", "--epochs", "1", "--cycles", "1", "--prune-rate", "0.5",
+                    "--rewind", "weight", "--rewind-epoch", "0", "--lr", "0", "--wd", "0", "--no-sweep")
+    torch.manual_seed(0)
+    init = DigitsCNN()
+    params = dict(init.named_parameters())
+    for name, keep in res["masks"].keep.items():
+        assert torch.equal(dict(res["model"].named_parameters())[name], params[name] * keep)
+
+
+# ---------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_ddp_two_process_gloo_identical_parameters(tmp_path):
+    helper = tmp_path / "ddp_run.py"
+    helper.write_text(textwrap.dedent(f"""
+        import os, sys, json, torch
+        sys.path.insert(0, {str(PYDIR)!r})
+        import train
+        res = train.main(sys.argv[1:])
+        rank = os.environ["RANK"]
+        torch.save(res["model"].state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
+        with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as f:
+            json.dump({{"val": res["history"][-1]["val"], "train": res["history"][-1]["train"],
+                       "alpha": res["history"][-1]["alpha"], "sweep": res.get("sweep")}}, f)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
+           *FAST, "--epochs", "1", "-b", "32", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for m in (ma, mb):  # local wall-clock timings differ
+        del m["train"]["time_s"], m["train"]["images_per_s"]
+    assert ma == mb  # all-reduced metrics and the sweep agree on both ranks
+    assert ma["val"]["images"] == 360 and ma["train"]["images"] == 2 * 22 * 32
+    # Only rank 0 wrote files, and they are complete.
+    out = tmp_path / "run"
+    assert ckpt.load(str(out / "checkpoint.pt"))["world_size"] == 2
+    assert len(ckpt.load(str(out / "checkpoint.pt"))["rng"]) == 2
+    assert (out / "sparse_model.pt").is_file()
+
+
+# ---------------------------------------------------------------------- benchmark script
+@pytest.mark.slow
+def test_compare_methods_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_methods
+
+    res = compare_methods.main(["--seeds", "0", "--epochs", "1", "--methods", "dense,pilot", "--out", str(tmp_path)])
+    assert set(res["summary"]) == {"dense", "magnitude", "pilot"}
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"compare_methods_embedded.{ext}").is_file()
+    assert "| pilot |" in (tmp_path / "compare_methods_embedded.md").read_text()
