@@ -230,23 +230,25 @@ class PILoT(Optimizer):
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        momentum = group["momentum"] != 0
         if _wants_reparam(p, group["reparam"]):
             m, w = split(p, group["beta"])
             state["m"], state["w"] = m, w
             p.copy_(m * w)
-            if momentum:
-                state["momentum_m"] = torch.zeros_like(m)
-                state["momentum_w"] = torch.zeros_like(w)
-            self._register_l1(p)
-            device = _local(p).device
-            self._l1[device][self._l1_latest[device]] += (_local(m) * _local(w)).abs().sum()
-        elif momentum:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if momentum:
-            state[_STARTED] = False
+            self._add_to_l1(p, state)
+        if group["momentum"] != 0:
+            self._init_momentum(p, state)
 
-    def _register_l1(self, p: Tensor) -> None:
+    def _init_momentum(self, p: Tensor, state: dict) -> None:
+        """Zero momentum buffers (SGD's for plain tensors), not started yet."""
+        if self.is_reparameterized(state):
+            state["momentum_m"] = torch.zeros_like(state["m"])
+            state["momentum_w"] = torch.zeros_like(state["w"])
+        else:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state[_STARTED] = False
+
+    def _add_to_l1(self, p: Tensor, state: dict) -> None:
+        """Add ``Σ|m ⊙ w|`` of one tensor's local shard to its device's latest L1 slot."""
         device = _local(p).device
         if device not in self._l1:
             self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
@@ -254,6 +256,7 @@ class PILoT(Optimizer):
         if isinstance(p, DTensor) and not self._l1_groups:
             mesh = p.device_mesh
             self._l1_groups = [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+        self._l1[device][self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
 
     @staticmethod
     def is_reparameterized(state: dict) -> bool:
@@ -292,9 +295,7 @@ class PILoT(Optimizer):
             for p in group["params"]:
                 state = self.state[p]
                 if self.is_reparameterized(state):
-                    self._register_l1(p)
-                    device = _local(p).device
-                    self._l1[device][0] += (_local(state["m"]) * _local(state["w"])).abs().sum()
+                    self._add_to_l1(p, state)
 
     # ------------------------------------------------------------------ step
     def _check_step_inputs(self) -> None:
@@ -336,7 +337,7 @@ class PILoT(Optimizer):
                     continue
                 state = self.state[p]
                 if momentum and _STARTED not in state:  # momentum switched on later
-                    self._init_state_momentum(p, state)
+                    self._init_momentum(p, state)
                 if not self.is_reparameterized(state):
                     dense.append(p)
                     dense_grads.append(p.grad)
@@ -393,14 +394,6 @@ class PILoT(Optimizer):
             for device in stepped_devices:
                 self._l1_latest[device] = 1 - self._l1_latest[device]
         return loss
-
-    def _init_state_momentum(self, p: Tensor, state: dict) -> None:
-        if self.is_reparameterized(state):
-            state["momentum_m"] = torch.zeros_like(state["m"])
-            state["momentum_w"] = torch.zeros_like(state["w"])
-        else:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state[_STARTED] = False
 
     def _sgd_step(self, group, params, grads, bufs, grad_scale, found_inf) -> None:
         """torch.optim.SGD's own functional step for the tensors that are not split."""
