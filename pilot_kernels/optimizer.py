@@ -37,6 +37,10 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _check_hparams(group: dict, tensor_values: bool = True) -> None:
     """Raise a ValueError naming the fix for any invalid hyperparameter of ``group``.
 
@@ -199,6 +203,9 @@ class PILoT(Optimizer):
         self._l1_groups: list = []
         # Per (group, device, dtype) scratch space of the fused backends (kernel tables).
         self._workspaces: dict[tuple, dict] = {}
+        # Whether any parameter is a DTensor: step() then works on local shards.  Asked
+        # once here instead of per tensor per step (the step's host cost is budgeted).
+        self._sharded = False
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -254,6 +261,7 @@ class PILoT(Optimizer):
             self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
             self._l1_latest[device] = 0
         if isinstance(p, DTensor) and not self._l1_groups:
+            self._sharded = True
             mesh = p.device_mesh
             self._l1_groups = [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
         self._l1[device][self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
@@ -346,17 +354,18 @@ class PILoT(Optimizer):
                     if momentum:
                         state[_STARTED] = True
                     continue
-                x = _local(p)
+                local = _local if self._sharded else _same
+                x = local(p)
                 b = buckets.get((x.device, x.dtype))
                 if b is None:
                     b = buckets[(x.device, x.dtype)] = {k: [] for k in ("xs", "grads", "ms", "ws", "bms", "bws", "firsts")}
                 b["xs"].append(x)
-                b["grads"].append(_local(p.grad))
-                b["ms"].append(_local(state["m"]))
-                b["ws"].append(_local(state["w"]))
+                b["grads"].append(local(p.grad))
+                b["ms"].append(local(state["m"]))
+                b["ws"].append(local(state["w"]))
                 if momentum:
-                    b["bms"].append(_local(state["momentum_m"]))
-                    b["bws"].append(_local(state["momentum_w"]))
+                    b["bms"].append(local(state["momentum_m"]))
+                    b["bws"].append(local(state["momentum_w"]))
                     b["firsts"].append(not state[_STARTED])
                     state[_STARTED] = True
                 else:
