@@ -12,6 +12,9 @@ with the accuracy-vs-sparsity sweep::
     torchrun --nproc_per_node 8 python/train.py --data-path /data/imagenet \\
         --preset imagenet-pilot -b 32                           # global batch 256
     torchrun --nproc_per_node 2 python/train.py --device cpu    # DDP on CPU (gloo)
+    torchrun --nproc_per_node 8 python/train.py --data-path /data/imagenet \\
+        --preset imagenet-pilot -b 32 --fsdp                    # FSDP2 instead of DDP
+    torchrun --nproc_per_node 2 python/train.py --device cpu --fsdp   # FSDP2 on CPU (gloo)
 
 Every epoch logs train loss/accuracy, val top-1/top-5, α, the L1 norm ``Σ|x|`` over the
 reparameterized tensors (``ndim >= 2``) and their global sparsity at the absolute
@@ -23,6 +26,13 @@ exactly.  At the end the weights are pruned by global magnitude to each sparsity
 the console, ``sweep.json`` and ``sweep.png``, and the sparsest model within 1 point of
 the unpruned top-1 (or ``--export-sparsity``) is saved as ``sparse_model.pt``, a plain
 state_dict with exact zeros that loads into the unmodified model.
+
+``--fsdp`` shards the model with FSDP2 instead of replicating it with DDP (PILoT's
+``m``, ``w`` and momenta are sharded like the parameters); checkpoints hold full
+tensors either way, and the final sweep and export run on a full, unsharded copy.
+``--param-dtype bf16`` stores the parameters in bfloat16; PILoT keeps its factors
+``m``, ``w`` and momenta in fp32, so they are the fp32 master copy of every weight
+with ``ndim >= 2``.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep  # 
 
 from pilot_train import checkpoint as ckpt  # noqa: E402
 from pilot_train.data import build_data  # noqa: E402
+from pilot_train import fsdp as fsdp_utils  # noqa: E402
 from pilot_train.dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown  # noqa: E402
 from pilot_train.engine import evaluate, train_one_epoch  # noqa: E402
 from pilot_train.methods import (  # noqa: E402
@@ -65,7 +76,7 @@ from pilot_train.methods import (  # noqa: E402
     step_alpha,
     uses_pilot,
 )
-from pilot_train.models import DIGITS_ARCH, build_model, model_in_channels  # noqa: E402
+from pilot_train.models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels  # noqa: E402
 from pilot_train.pruning import Masks, snapshot, start_cycle  # noqa: E402
 from pilot_train.report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_rows, write_json  # noqa: E402
 
@@ -120,6 +131,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=None)
     g.add_argument("--lr-warmup-epochs", type=int, default=None, help="linear warmup, then cosine to 0 (per iteration)")
     g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype; fp16 adds a GradScaler")
+    g.add_argument("--param-dtype", choices=sorted(PARAM_DTYPES, reverse=True), default="fp32",
+                   help="dtype the model's parameters are stored and computed in (inputs are cast to it). bf16: "
+                        "every layer except BatchNorm holds bf16 weights (BatchNorm stays fp32: its running statistics and "
+                        "SGD-updated scale/shift would round in bf16); "
+                        "pilot/spred keep m, w and their momenta in fp32 (the fp32 master copy; x = m*w is "
+                        "rounded to bf16 after each step), while dense/l1 SGD updates the bf16 weights directly "
+                        "(small updates round away). sparse_model.pt is saved in fp32 either way")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
@@ -147,6 +165,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="sparsity of sparse_model.pt (default: the sparsest sweep point within 1 point of unpruned top-1)")
 
     g = p.add_argument_group("run")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 (torch.distributed.fsdp.fully_shard on every block, then the root) "
+                        "instead of DDP; PILoT's m, w and momenta are sharded like the parameters. Under torchrun "
+                        "(NCCL on GPUs, gloo on CPU); without it, a mesh of one process. Checkpoints hold full "
+                        "tensors (rank 0 gathers; they resume with or without --fsdp); the final sweep and export "
+                        "run on an unsharded copy. Not with --cycles or --amp fp16")
     g.add_argument("--output-dir", default="runs/train", help="checkpoints, metrics.jsonl, sweep.{json,png}, sparse_model.pt ('' = write nothing)")
     g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' (the output dir's checkpoint if any)")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -217,6 +241,14 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
         raise SystemExit("--x-weight-decay applies to pilot/spred (the L2 on m ⊙ w); use --wd for dense/l1")
     if args.method == "dense" and args.alpha:
         raise SystemExit("--alpha has no effect with --method dense")
+    if args.fsdp and args.cycles:
+        raise SystemExit("--cycles >= 1 (iterative pruning) is not supported with --fsdp yet; use DDP "
+                         "(torchrun without --fsdp), or train with --fsdp and prune from its checkpoint with DDP")
+    if args.fsdp and args.amp == "fp16":
+        raise SystemExit("--amp fp16 is not supported with --fsdp (its GradScaler would skip steps per rank); "
+                         "use --amp bf16 or --param-dtype bf16")
+    if args.param_dtype != "fp32" and args.amp == "fp16":
+        raise SystemExit(f"--amp fp16 does not combine with --param-dtype {args.param_dtype}; use --amp bf16 or neither")
     args.thresholds = [float(t) for t in args.sparsity_thresholds.split(",") if t.strip()]
     args.sweep = ([float(s) for s in args.sweep_sparsities.split(",") if s.strip()]
                   if args.sweep_sparsities else list(DEFAULT_SWEEP))
@@ -298,7 +330,7 @@ def epoch_line(r: dict[str, Any], total: int) -> str:
 # ---------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, need_group=args.fsdp)
     args = resolve_args(args, info.world_size)
     try:
         return run(args, info)
@@ -322,11 +354,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     ckpt.seed_everything(args.seed)
     in_channels = model_in_channels(args.arch)
     data = build_data(args, info.rank, info.world_size, device, in_channels)
-    model = build_model(args.arch, data.num_classes).to(device)
+    param_dtype = PARAM_DTYPES[args.param_dtype]
+    model = cast_params_(build_model(args.arch, data.num_classes), param_dtype).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if info.distributed:
+    if args.fsdp:  # the parameters become DTensors, sharded over all ranks; PILoT is built after this
+        fsdp_utils.shard_model(model, device.type, info.world_size, split_batchnorm=param_dtype != torch.float32)
+    elif info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model_without_ddp, args)
     epochs_total = args.epochs * (args.cycles + 1)
@@ -342,8 +377,21 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
 
     start_epoch = 0
     if state is not None:
-        model_without_ddp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp and state.get("masks"):
+            raise SystemExit(f"{resume_path} is from iterative pruning (--cycles), which --fsdp does not support; "
+                             "resume it without --fsdp")
+        if args.fsdp:  # rank 0's full tensors, sharded onto every rank
+            model_sd, optim_sd = state.pop("model"), state.pop("optimizer")
+            if info.is_main:  # also a DDP checkpoint (optimizer keyed by position)
+                optim_sd = fsdp_utils.optimizer_sd_to_fqns(optim_sd, model_without_ddp, optimizer)
+            else:
+                model_sd, optim_sd = {}, {}
+            fsdp_utils.load_full_state_dicts(model_without_ddp, optimizer, model_sd, optim_sd)
+            del model_sd, optim_sd
+        else:
+            model_without_ddp.load_state_dict(state["model"])
+            # also an FSDP checkpoint (optimizer keyed by parameter name)
+            optimizer.load_state_dict(fsdp_utils.optimizer_sd_to_ids(state["optimizer"], model_without_ddp, optimizer))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if alpha_scheduler is not None:
             alpha_scheduler.load_state_dict(state["alpha_scheduler"])
@@ -365,7 +413,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
             rewind_snap = snapshot(model_without_ddp, optimizer)
     train_model = torch.compile(model) if args.compile else model
     # Evaluation runs on the plain module: ranks may hold different numbers of val
-    # batches, and a DDP forward would expect matching collectives.
+    # batches, and a DDP forward would expect matching collectives.  An FSDP2 forward
+    # is itself a collective: evaluate() then runs the ranks in lockstep.
     eval_model = torch.compile(model_without_ddp) if args.compile else model_without_ddp
 
     log = Logger(info, out_dir, args.tensorboard, state["epoch"] if state is not None else None)
@@ -373,7 +422,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     n_all = sum(p.numel() for p in model_without_ddp.parameters())
     log.print(f"data: {data.description}")
     log.print(f"model: {args.arch}, {n_all:,} parameters ({n_reparam:,} in tensors with ndim >= 2) | "
-              f"device {device} x {info.world_size} | method {args.method}"
+              f"device {device} x {info.world_size}{' (FSDP2)' if args.fsdp else ''}"
+              + (f" | params {args.param_dtype}" if args.param_dtype != "fp32" else "") + f" | method {args.method}"
               + (f" (β={args.beta:g}, α0={args.alpha:g}, schedule {args.alpha_schedule}, δ={args.delta:g}, K={args.l1_threshold:g}, "
                  f"x-wd={args.x_weight_decay:g}, wd(rest)={args.wd:g})" if uses_pilot(args.method) else
                  f" (wd={args.wd:g}" + (f", L1 α={args.alpha:g})" if args.method == "l1" else ")"))
@@ -402,7 +452,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
                                 args, info, scaler, masks, desc=f"epoch {epoch + 1}/{epochs_total}")
         broadcast_buffers_(model_without_ddp)
         step_alpha(alpha_scheduler, train["acc"])
-        val = evaluate(eval_model, criterion, data.val_loader, args, info)
+        val = evaluate(eval_model, criterion, data.val_loader, args, info, lockstep=args.fsdp)
         record: dict[str, Any] = {
             "epoch": epoch, "train": train, "val": val,
             "lr": train["lr"], "alpha": current_alpha(optimizer, args),
@@ -429,7 +479,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
 
     finished = end_epoch == epochs_total
     result: dict[str, Any] = {"model": model_without_ddp, "optimizer": optimizer, "history": history,
-                              "train_time_s": train_time, "args": args, "masks": masks, "finished": finished}
+                              "train_time_s": train_time, "args": args, "masks": masks, "finished": finished,
+                              "fsdp": args.fsdp}
     if not finished:
         log.print(f"stopped after epoch {end_epoch} of {epochs_total} (--stop-after); continue with --resume auto")
     elif not args.no_sweep and not args.synthetic:
@@ -441,13 +492,17 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
 def save_checkpoint(args, info, epoch, model, optimizer, lr_scheduler, alpha_scheduler, scaler, masks, rewind_snap,
                     cycle_done) -> None:
     rngs = all_gather_object(ckpt.rng_state())  # every rank's streams, in rank order
+    if args.fsdp:  # a collective: full CPU tensors on rank 0; optimizer keyed by parameter name
+        model_sd, optim_sd = fsdp_utils.full_state_dicts(model, optimizer) if args.output_dir else ({}, {})
     if not (info.is_main and args.output_dir):
         return
+    if not args.fsdp:
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
     ckpt.atomic_save({
         "epoch": epoch,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_sd,
+        "optimizer": optim_sd,
         "lr_scheduler": lr_scheduler.state_dict(),
         "alpha_scheduler": alpha_scheduler.state_dict() if alpha_scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -461,8 +516,22 @@ def save_checkpoint(args, info, epoch, model, optimizer, lr_scheduler, alpha_sch
 
 
 def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion, data, log) -> dict[str, Any]:
-    """Accuracy vs. magnitude-pruned sparsity (no fine-tuning), then the export."""
+    """Accuracy vs. magnitude-pruned sparsity (no fine-tuning), then the export.
+
+    With ``--fsdp`` both run on a full, unsharded copy of the model that every rank
+    gathers (each rank evaluates its part of the validation set, as during training);
+    the pruned tensors are then those with ``ndim >= 2`` (``optimizer=None``), the
+    ones PILoT's ``reparam="auto"`` splits.
+    """
     opt = sparsity_optimizer(optimizer)
+    out: dict[str, Any] = {}
+    if args.fsdp:
+        fresh = cast_params_(build_model(args.arch, data.num_classes), PARAM_DTYPES[args.param_dtype]).to(info.device)
+        if args.channels_last:
+            fresh = fresh.to(memory_format=torch.channels_last)
+        model_without_ddp = eval_model = fsdp_utils.unsharded_copy(model_without_ddp, fresh)
+        opt = None
+        out["full_model"] = model_without_ddp
     results = sweep(model_without_ddp, opt, lambda: evaluate(eval_model, criterion, data.val_loader, args, info, progress=False),
                     args.sweep)
     rows = sweep_rows(results)
@@ -473,8 +542,12 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
     log.print(format_table(rows, title))
     log.print(f"sparsest within 1 point of unpruned top-1 ({rows[0]['top1']:.2f}%): "
               f"{100 * pick['sparsity']:.2f}% sparse at {pick['top1']:.2f}%")
-    out: dict[str, Any] = {"sweep": rows, "export_sparsity": export_s}
+    out.update({"sweep": rows, "export_sparsity": export_s})
     state_dict = export_state_dict(model_without_ddp, opt, sparsity=export_s)
+    if args.param_dtype != "fp32":  # the unmodified model's dtype (an exact upcast)
+        for key, value in state_dict.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                state_dict[key] = value.float()
     fresh = build_model(args.arch, data.num_classes)
     fresh.load_state_dict(state_dict, strict=True)
     exported = sparsity_report(fresh).sparsity

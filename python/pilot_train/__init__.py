@@ -1,5 +1,6 @@
 """Helpers of ``python/train.py``, the PILoT training script (data, models, distributed
-setup, checkpoints, the train/eval loops, iterative pruning and the sweep report).
+setup, FSDP2 sharding, checkpoints, the train/eval loops, iterative pruning and the sweep
+report).
 
 Sparsity and α schedules come from :mod:`pilot_kernels.sparsity` and
 :mod:`pilot_kernels.schedules`; nothing here re-implements them.

@@ -1,7 +1,8 @@
 """Distributed setup for ``torchrun`` (NCCL on GPUs, gloo on CPU) and small helpers.
 
 Without the ``torchrun`` environment (``RANK``/``WORLD_SIZE``) everything runs in one
-process and the collectives below are no-ops.
+process and the collectives below are no-ops; ``--fsdp`` then starts a process group
+of one (FSDP2 needs a device mesh), on which they are trivial.
 """
 from __future__ import annotations
 
@@ -29,13 +30,21 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_arg: str | None) -> DistInfo:
-    """Read torchrun's environment, pick the device and start the process group."""
+def init_distributed(device_arg: str | None, need_group: bool = False) -> DistInfo:
+    """Read torchrun's environment, pick the device and start the process group.
+
+    ``need_group``: start a process group of one process when not under ``torchrun``
+    (FSDP2's device mesh needs one); otherwise one process runs without any.
+    """
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         device = torch.device(want)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if need_group and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
         return DistInfo(device=device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -64,6 +73,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of ``value`` over all ranks."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo, all_reduce_max, all_reduce_sum
 from .methods import add_l1_subgradient_
+from .models import PARAM_DTYPES
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,10 +29,12 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _to_device(images, targets, device, channels_last: bool):
-    images = images.to(device, non_blocking=True)
+def _to_device(images, targets, device, args):
+    """The batch on ``device``, images in the parameters' dtype (``--param-dtype``)."""
+    dtype = PARAM_DTYPES[getattr(args, "param_dtype", "fp32")]
+    images = images.to(device, dtype=dtype, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
-    if channels_last:
+    if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets
 
@@ -65,10 +68,10 @@ def train_one_epoch(
     bar = _progress(loader, steps, desc, info.is_main and args.progress)
     start = time.perf_counter()
     for i, (images, targets) in enumerate(bar):
-        images, targets = _to_device(images, targets, device, args.channels_last)
+        images, targets = _to_device(images, targets, device, args)
         with autocast(device, args.amp):
             output = model(images)
-            loss = criterion(output, targets)
+            loss = criterion(output.float(), targets)  # bf16 logits (--param-dtype bf16): the loss in fp32
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -116,17 +119,26 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, args, info: DistInfo, desc: str = "val",
-             progress: bool = True) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean loss over the whole validation set."""
+             progress: bool = True, lockstep: bool = False) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean loss over the whole validation set.
+
+    ``lockstep``: every rank runs as many forward passes as the rank with the most
+    batches, the extra ones on a batch it already saw, with the outputs discarded.  An
+    FSDP2 model all-gathers its parameters in every forward, a collective, so ranks
+    with fewer validation images than others would otherwise hang.
+    """
     model.eval()
     device = info.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
     bar = _progress(loader, len(loader), desc, info.is_main and args.progress and progress)
+    # Agreed on before the first forward: a collective between FSDP's all-gathers would deadlock.
+    extra = all_reduce_max(len(loader), device) - len(loader) if lockstep else 0
+    images = None
     for images, targets in bar:
-        images, targets = _to_device(images, targets, device, args.channels_last)
+        images, targets = _to_device(images, targets, device, args)
         with autocast(device, args.amp):
             output = model(images)
-            loss = criterion(output, targets)
+            loss = criterion(output.float(), targets)
         k = min(5, output.shape[1])
         top = output.float().topk(k, dim=1).indices
         hit = top == targets[:, None]
@@ -137,6 +149,12 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, args, info: DistInf
             hit.any(dim=1).sum().double(),
             torch.tensor(float(n), dtype=torch.float64, device=device),
         ])
+    if extra > 0:
+        if images is None:  # no batch of its own: any sample has the right shape
+            images, _ = _to_device(loader.dataset[0][0][None], torch.zeros(1), device, args)
+        for _ in range(extra):
+            with autocast(device, args.amp):
+                model(images)
     loss_sum, top1, top5, n = all_reduce_sum(sums.tolist(), device)
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}

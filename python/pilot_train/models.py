@@ -1,11 +1,13 @@
 """Models: the small default CNN for the embedded digits data, or any torchvision model."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pilot_kernels.compat import import_torchvision
 
 DIGITS_ARCH = "digits_cnn"
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class DigitsCNN(nn.Module):
@@ -60,3 +62,17 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
             f"unknown --arch {arch!r}: use {DIGITS_ARCH!r} or a torchvision model name "
             f"such as resnet18 or resnet50 ({e})"
         ) from None
+
+
+def cast_params_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store ``model``'s parameters and floating buffers in ``dtype`` — except the
+    BatchNorm layers, which stay fp32 (their statistics and SGD-updated affine
+    parameters lose too much in bf16; torch's BatchNorm takes a bf16 input with fp32
+    parameters and returns bf16).  In place; returns ``model``."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.float()
+    return model
