@@ -13,6 +13,7 @@ from .schedules import (
 )
 from .sparsity import (
     SparsityReport,
+    apply_keep_masks_,
     export_state_dict,
     prune_,
     sparsity_report,
@@ -34,6 +35,7 @@ __all__ = [
     "SparsityReport",
     "sparsity_report",
     "prune_",
+    "apply_keep_masks_",
     "sweep",
     "spred_sparsities",
     "export_state_dict",

@@ -9,18 +9,14 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
+from .dtensor import DTensor, all_reduce_over_shards_, shard_groups
+from .dtensor import local as _local
 from .init import split
 from .kernels import check_backend_name, get_step_fn, resolve_backend
-
-try:  # DTensor parameters (FSDP2); absent from minimal torch builds
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor, Shard = (), ()
 
 __all__ = ["PILoT", "pilot"]
 
@@ -30,11 +26,6 @@ _FACTOR_KEYS = ("m", "w")
 _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
 # False until a tensor's momentum buffers hold history (SGD's first step: b = d).
 _STARTED = "momentum_started"
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view that writes through), else ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _same(t: Tensor) -> Tensor:
@@ -260,10 +251,9 @@ class PILoT(Optimizer):
         if device not in self._l1:
             self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
             self._l1_latest[device] = 0
-        if isinstance(p, DTensor) and not self._l1_groups:
+        if isinstance(p, DTensor) and not self._sharded:
             self._sharded = True
-            mesh = p.device_mesh
-            self._l1_groups = [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            self._l1_groups = shard_groups([p])
         self._l1[device][self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
 
     @staticmethod
@@ -288,9 +278,7 @@ class PILoT(Optimizer):
         total = norms[0]
         for n in norms[1:]:
             total = total + n.to(total.device, non_blocking=True)
-        for group in self._l1_groups:
-            dist.all_reduce(total, group=group)
-        return total
+        return all_reduce_over_shards_(total, self._l1_groups)
 
     @torch.no_grad()
     def refresh_l1_(self) -> None:

@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .dtensor import all_reduce_over_shards_, local, shard_groups
 from .optimizer import _FACTOR_KEYS, _MOMENTUM_KEYS
 
 __all__ = [
     "SparsityReport",
     "sparsity_report",
     "prune_",
+    "apply_keep_masks_",
     "sweep",
     "spred_sparsities",
     "export_state_dict",
@@ -216,14 +218,21 @@ def sparsity_report(
 
     Returns:
         A :class:`SparsityReport`; ``print(report)`` shows a table.
+
+    With FSDP2 (DTensor) parameters the counts are all-reduced over the shards: call it
+    on every rank.
     """
     threshold = _check_threshold(threshold)
     targets = _targets(model, optimizer)
-    zeros = [(p.detach().abs() <= threshold).sum() for _, p in targets]
+    params = [p for _, p in targets]
+    # Counted on local shards under FSDP2 and summed over the shards: one collective.
+    device = local(params[0]).device
+    zeros = torch.stack([(local(p).detach().abs() <= threshold).sum().to(device) for p in params])
+    zeros = all_reduce_over_shards_(zeros, shard_groups(params)).tolist()  # one host sync
     return SparsityReport(
         threshold=threshold,
         layer_zeros={n: int(z) for (n, _), z in zip(targets, zeros)},
-        layer_numel={n: p.numel() for n, p in targets},
+        layer_numel={n: p.numel() for n, p in targets},  # a DTensor's numel is the full one
     )
 
 
@@ -275,9 +284,21 @@ def prune_(
     _check_scope(scope)
     targets = _targets(model, optimizer)
     params = [p for _, p in targets]
-    keeps = _keep_masks(params, sparsity, scope)
-    for p, keep in zip(params, keeps):
-        drop = ~keep
+    keeps = {n: keep for (n, _), keep in zip(targets, _keep_masks(params, sparsity, scope))}
+    apply_keep_masks_(model, optimizer, keeps)
+    return keeps
+
+
+@torch.no_grad()
+def apply_keep_masks_(model: nn.Module, optimizer: Optional[Optimizer], keeps: dict[str, Tensor]) -> None:
+    """Zero the entries where ``keeps[name]`` is False: in ``x`` and, with the PILoT
+    optimizer, in ``m``, ``w`` and both momentum buffers (see :func:`prune_` for why
+    they then stay zero), and refresh ``optimizer.l1_norm()``.  Re-applies the masks
+    :func:`prune_` returned, e.g. after rewinding the weights."""
+    params = dict(model.named_parameters())
+    for name, keep in keeps.items():
+        p = params[name]
+        drop = ~keep.to(p.device)
         p.masked_fill_(drop, 0)
         if optimizer is not None:
             state = optimizer.state[p]
@@ -285,7 +306,6 @@ def prune_(
                 if key in state:
                     state[key].masked_fill_(drop, 0)
     _refresh_l1(optimizer)
-    return {n: keep for (n, _), keep in zip(targets, keeps)}
 
 
 def sweep(

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pilot_kernels import PILoT
+from pilot_kernels import PILoT, sparsity_report
 
 WORLD = 2
 STEPS = 3
@@ -37,7 +37,8 @@ def single_process_reference() -> dict:
     model = model_fn()
     opt = PILoT(model.parameters(), **HPARAMS)
     train(model, opt, batches(), 0, 1)
-    return {"params": [p.detach().clone() for p in model.parameters()], "l1": opt.l1_norm()}
+    return {"params": [p.detach().clone() for p in model.parameters()], "l1": opt.l1_norm(),
+            "zeros": sparsity_report(model, opt, threshold=0.1).layer_zeros}
 
 
 def _init(rank: int, init_file: str) -> None:
@@ -87,6 +88,7 @@ def fsdp2_worker(rank: int, init_file: str, out_dir: str) -> None:
         "params": [p.full_tensor() for p in model.parameters()],
         "l1": opt.l1_norm(),
         "m_full": state["m"].full_tensor(),
+        "zeros": sparsity_report(model, opt, threshold=0.1).layer_zeros,  # counted over the shards
     }
 
     # Save through torch.distributed.checkpoint, load into a fresh model and optimizer

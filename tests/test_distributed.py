@@ -39,6 +39,7 @@ def test_fsdp2_shards_state_all_reduces_l1_and_round_trips_dcp(tmp_path):
         # The all-reduced L1 is the whole model's, on every rank.
         torch.testing.assert_close(r["l1"], ref["l1"], rtol=1e-5, atol=1e-5)
         assert r["resumed_equal"]
+        assert r["zeros"] == ref["zeros"] and sum(ref["zeros"].values()) > 0
         torch.testing.assert_close(*r["l1_resumed"])
     assert torch.equal(ranks[0]["l1"], ranks[1]["l1"])
     assert torch.equal(ranks[0]["m_full"], ranks[1]["m_full"])

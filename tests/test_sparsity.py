@@ -7,6 +7,7 @@ from torch import nn
 
 from pilot_kernels import PILoT
 from pilot_kernels.sparsity import (
+    apply_keep_masks_,
     SparsityReport,
     export_state_dict,
     prune_,
@@ -236,6 +237,29 @@ def test_prune_keeps_x_m_w_and_momentum_consistent(scope):
     for name in ("0.bias", "1.weight", "1.bias", "4.bias"):
         assert torch.equal(model.state_dict()[name], before["model"][name])
     # l1_norm is refreshed to the pruned weights
+    l1 = sum(p.abs().sum() for p in targets(model, opt).values())
+    torch.testing.assert_close(opt.l1_norm(), l1)
+
+
+def test_apply_keep_masks_reapplies_pruning_after_a_rewind():
+    """Rewinding restores the pruned entries; re-applying the masks zeroes them again
+    in x, m, w and both momenta, and refreshes the L1 norm."""
+    model, opt = trained()
+    before = snapshot(model, opt)
+    keep = prune_(model, opt, sparsity=0.6)
+    with torch.no_grad():  # rewind everything to the unpruned values
+        for name, p in targets(model, opt).items():
+            p.copy_(before["model"][name])
+            for key, v in before["state"][id(p)].items():
+                if isinstance(v, torch.Tensor):
+                    opt.state[p][key].copy_(v)
+    assert any(torch.any(p[~keep[n]] != 0) for n, p in targets(model, opt).items())
+    apply_keep_masks_(model, opt, keep)
+    for name, p in targets(model, opt).items():
+        k = keep[name]
+        assert torch.all(p[~k] == 0) and torch.equal(p[k], before["model"][name][k])
+        for key in ("m", "w", "momentum_m", "momentum_w"):
+            assert torch.all(opt.state[p][key][~k] == 0), key
     l1 = sum(p.abs().sum() for p in targets(model, opt).values())
     torch.testing.assert_close(opt.l1_norm(), l1)
 

@@ -20,7 +20,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pilot_kernels import PILoT
@@ -32,12 +31,8 @@ from pilot_kernels.schedules import (
     HarmonicAlpha,
     QuadraticAlpha,
 )
+from pilot_kernels.dtensor import all_reduce_over_shards_, local, shard_groups
 from pilot_kernels.sparsity import sparsity_report
-
-try:  # FSDP2 parameters
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor, Shard = (), ()
 
 METHODS = ("dense", "pilot", "spred", "l1")
 ALPHA_SCHEDULES = ("adaptive", "constant", "geometric", "harmonic", "quadratic")
@@ -120,31 +115,6 @@ def sparsity_optimizer(optimizer: torch.optim.Optimizer) -> Optional[PILoT]:
     return optimizer if isinstance(optimizer, PILoT) else None
 
 
-def _reparam_params(model: nn.Module, optimizer) -> list[torch.Tensor]:
-    """The tensors :mod:`pilot_kernels.sparsity` counts: PILoT's reparameterized ones, or
-    those with ``ndim >= 2``."""
-    opt = sparsity_optimizer(optimizer)
-    if opt is not None:
-        return [p for p in model.parameters() if "m" in opt.state.get(p, {})]
-    return [p for p in model.parameters() if p.ndim >= 2]
-
-
-def _sum_over_shards(local: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """All-reduce per-rank partial sums over the shard dims of DTensor ``params``
-    (FSDP2); unchanged for plain tensors.  A collective for DTensors: call on every rank."""
-    ref = next((p for p in params if isinstance(p, DTensor)), None)
-    if ref is None:
-        return local
-    for i, placement in enumerate(ref.placements):
-        if isinstance(placement, Shard):
-            dist.all_reduce(local, group=ref.device_mesh.get_group(i))
-    return local
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
 @torch.no_grad()
 def l1_norm(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     """``Σ|x|`` over the tensors with ``ndim >= 2`` (PILoT: ``opt.l1_norm()``, from its step).
@@ -152,28 +122,16 @@ def l1_norm(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     if isinstance(optimizer, PILoT):
         return float(optimizer.l1_norm())
     params = [p for p in model.parameters() if p.ndim >= 2]
-    if not any(isinstance(p, DTensor) for p in params):
-        return float(sum(p.detach().abs().sum().item() for p in params))
-    local = torch.stack([_local(p).detach().abs().sum(dtype=torch.float64) for p in params]).sum()
-    return float(_sum_over_shards(local, params))
+    partial = torch.stack([local(p).detach().abs().sum(dtype=torch.float64) for p in params]).sum()
+    return float(all_reduce_over_shards_(partial, shard_groups(params)))
 
 
 @torch.no_grad()
 def sparsities_at(model: nn.Module, optimizer, thresholds: list[float]) -> dict[str, float]:
     """Global fraction of ``|x| <= t`` over the reparameterized tensors, per threshold.
-    With FSDP2 parameters a collective (one all-reduce): call it on every rank."""
+    With FSDP2 parameters a collective per threshold: call it on every rank."""
     opt = sparsity_optimizer(optimizer)
-    params = _reparam_params(model, optimizer)
-    if not any(isinstance(p, DTensor) for p in params):
-        return {f"{t:g}": sparsity_report(model, opt, threshold=t).sparsity for t in thresholds}
-    device = _local(params[0]).device
-    zeros = torch.zeros(len(thresholds), dtype=torch.float64, device=device)
-    for p in params:
-        mag = _local(p).detach().abs()
-        zeros += torch.stack([(mag <= t).sum(dtype=torch.float64) for t in thresholds])
-    zeros = _sum_over_shards(zeros, params).tolist()
-    numel = sum(p.numel() for p in params)  # a DTensor's numel is the full tensor's
-    return {f"{t:g}": z / numel for t, z in zip(thresholds, zeros)}
+    return {f"{t:g}": sparsity_report(model, opt, threshold=t).sparsity for t in thresholds}
 
 
 def lr_lambda_factory(warmup_iters: int, total_iters: int):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pilot_kernels import PILoT
-from pilot_kernels.sparsity import prune_
+from pilot_kernels.sparsity import apply_keep_masks_, prune_
 
 from .methods import sparsity_optimizer
 
@@ -86,19 +86,6 @@ class Masks:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: k.cpu() for n, k in self.keep.items()}
-
-
-@torch.no_grad()
-def apply_keep_(model: nn.Module, optimizer: torch.optim.Optimizer, keep: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned entries of ``x`` and of the optimizer's per-tensor state."""
-    params = dict(model.named_parameters())
-    for name, k in keep.items():
-        p = params[name]
-        k = k.to(p.device)
-        p.mul_(k)
-        for v in optimizer.state.get(p, {}).values():
-            if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                v.mul_(k)
 
 
 @torch.no_grad()
@@ -155,9 +142,6 @@ def start_cycle(
         if rewind_snapshot is None:
             raise RuntimeError("weight rewinding needs the snapshot of --rewind-epoch, which is missing")
         rewind_weights_(model, optimizer, rewind_snapshot)
-    apply_keep_(model, optimizer, keep)
+    apply_keep_masks_(model, sparsity_optimizer(optimizer), keep)  # again, after a rewind
     reset_momentum_(optimizer)
-    refresh = getattr(optimizer, "refresh_l1_", None)  # PILoT: l1_norm() of the edited factors
-    if refresh is not None:
-        refresh()
     return Masks(model, keep, enforce=not isinstance(optimizer, PILoT)), target
