@@ -42,8 +42,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "python" / "train.py"
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pilot_train.report import plot_sweeps, write_json  # noqa: E402
+from _env import environment  # noqa: E402
+from pilot_train.report import best_within, plot_sweeps, write_json  # noqa: E402
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995]
 TABLE_AT = [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
@@ -77,11 +79,6 @@ def run_one(config: str, seed: int, epochs: int, workdir: Path) -> dict[str, Any
             "final_train_acc": last["train"]["acc"], "final_alpha": last["alpha"], "final_l1": last["l1"]}
 
 
-def best_within(rows: list[dict[str, float]], drop: float = 1.0) -> float:
-    base = rows[0]["top1"]
-    return max(r["sparsity"] for r in rows if r["top1"] >= base - drop)
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method: mean/min/max top-1 at each sparsity over seeds."""
     by: dict[str, list[dict[str, Any]]] = {}
@@ -100,7 +97,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                          "std": statistics.pstdev(accs), "top5": statistics.mean(r["rows"][i]["top5"] for r in src)})
         if name == "dense":
             rows = rows[:1]
-        within = [best_within(r["rows"]) for r in src]
+        within = [best_within(r["rows"])["sparsity"] for r in src]  # row 0 (unpruned) always qualifies
         out[name] = {"rows": rows, "seeds": [r["seed"] for r in src], "best_within_1pt": within,
                      "label": CONFIGS["dense" if name == "magnitude" else name][1] if name != "magnitude"
                      else "the dense runs, pruned one-shot"}
@@ -197,15 +194,7 @@ def main(argv=None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     summary = summarize(runs)
 
-    try:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from _env import environment
-
-        env = environment("cpu")
-    except Exception:  # the helper is optional here
-        import platform
-
-        env = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    env = environment("cpu")
     env_line = f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
 
     out = Path(args.out)
