@@ -99,7 +99,9 @@ Shapes = list[tuple[str, tuple[int, ...]]]
 
 def resnet50_shapes() -> Shapes:
     """Parameter shapes of torchvision's ResNet-50, built on the meta device (161 tensors)."""
-    models = _env.import_torchvision_models()
+    import torchvision
+
+    models = torchvision.models
     with torch.device("meta"):
         model = models.resnet50()
     return [(n, tuple(p.shape)) for n, p in model.named_parameters()]

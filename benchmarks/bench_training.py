@@ -99,7 +99,9 @@ def build(provider: str, args, device: torch.device):
     Returns ``(model, opt, step_bytes, shapes)``, ``shapes`` those of the model's own
     parameters (before any reparameterization).
     """
-    models = _env.import_torchvision_models()
+    import torchvision
+
+    models = torchvision.models
     torch.manual_seed(args.seed)
     model = getattr(models, args.arch)(num_classes=args.num_classes)
     model.to(device)

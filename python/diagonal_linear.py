@@ -47,20 +47,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-try:
-    from pilot_kernels import PILoT
-    from pilot_kernels.schedules import ConstantAlpha, GeometricAlpha, HarmonicAlpha, QuadraticAlpha
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from pilot_kernels import PILoT
-    from pilot_kernels.schedules import ConstantAlpha, GeometricAlpha, HarmonicAlpha, QuadraticAlpha
+from pilot_kernels import PILoT
+from pilot_kernels.schedules import ConstantAlpha, GeometricAlpha, HarmonicAlpha, QuadraticAlpha
 
 METHODS = ("pilot", "spred", "l1")
 METHOD_LABELS = {

@@ -11,17 +11,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import warnings  # noqa: E402
-
 import pytest  # noqa: E402
-
-from pilot_kernels.compat import import_torchvision  # noqa: E402
-
-# Import torchvision once through the compatibility shim (see pilot_kernels.compat), so
-# plain `import torchvision` works in every test even next to a CPU-only torch build.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    import_torchvision()
 
 # Devices the fused kernels are tested on: the interpreter on CPU, or the real GPU.
 KERNEL_DEVICES = ["cuda"] if HAS_CUDA else ["cpu"]

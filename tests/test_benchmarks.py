@@ -13,10 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+# benchmarks/ is on pytest's pythonpath (pyproject.toml), as it is on a script's path.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
-
 import _env  # noqa: E402
 import bench_step  # noqa: E402
 import bench_training  # noqa: E402

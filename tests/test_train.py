@@ -1,4 +1,4 @@
-"""End-to-end tests of ``python/train.py`` (CPU, small: 1–2 epochs of tiny models).
+"""End-to-end tests of ``python/classification/train.py`` (CPU, small: 1–2 epochs of tiny models).
 
 Every run writes into ``tmp_path``; nothing is downloaded.  The ImageFolder tests write
 real JPEG files with PIL at test time; the default data is scikit-learn's embedded
@@ -18,14 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
+# python/classification is on pytest's pythonpath (pyproject.toml), as it is on a
+# script's path when train.py runs.
 ROOT = Path(__file__).resolve().parents[1]
-PYDIR = ROOT / "python"
-sys.path.insert(0, str(PYDIR))
+PYDIR = ROOT / "python" / "classification"
 
 import train  # noqa: E402
-from pilot_train import checkpoint as ckpt  # noqa: E402
-from pilot_train.data import ImageLoadError, pil_loader_naming_path  # noqa: E402
-from pilot_train.models import DigitsCNN, build_model  # noqa: E402
+
+# Subprocesses (torchrun workers, a process killed mid-write) import the same modules.
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYDIR), os.environ.get("PYTHONPATH", "")])}
+import checkpoint as ckpt  # noqa: E402
+from data import ImageLoadError, pil_loader_naming_path  # noqa: E402
+from models import DigitsCNN, build_model  # noqa: E402
 
 from pilot_kernels import PILoT  # noqa: E402
 from pilot_kernels.sparsity import sparsity_report  # noqa: E402
@@ -227,8 +231,7 @@ def test_kill_during_checkpoint_write_subprocess(tmp_path):
     ckpt.atomic_save(good, str(out / "checkpoint.pt"))
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
-        sys.path.insert(0, {str(PYDIR)!r})
-        from pilot_train import checkpoint as ckpt
+        import checkpoint as ckpt
         real = torch.save
         def save_then_die(obj, f, *a, **k):
             real(obj, f, *a, **k)
@@ -237,7 +240,7 @@ def test_kill_during_checkpoint_write_subprocess(tmp_path):
         ckpt.torch.save = save_then_die
         ckpt.atomic_save({{"epoch": 1, "w": torch.zeros(10)}}, {str(out / "checkpoint.pt")!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=SUBPROCESS_ENV)
     assert proc.returncode == -9, proc.stderr.decode()
     loaded = ckpt.load(str(out / "checkpoint.pt"))
     assert loaded["epoch"] == 0 and torch.equal(loaded["w"], good["w"])
@@ -284,7 +287,6 @@ def test_ddp_two_process_gloo_identical_parameters(tmp_path):
     helper = tmp_path / "ddp_run.py"
     helper.write_text(textwrap.dedent(f"""
         import os, sys, json, torch
-        sys.path.insert(0, {str(PYDIR)!r})
         import train
         res = train.main(sys.argv[1:])
         rank = os.environ["RANK"]
@@ -293,7 +295,7 @@ def test_ddp_two_process_gloo_identical_parameters(tmp_path):
             json.dump({{"val": res["history"][-1]["val"], "train": res["history"][-1]["train"],
                        "alpha": res["history"][-1]["alpha"], "sweep": res.get("sweep")}}, f)
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
            *FAST, "--epochs", "1", "-b", "32", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
@@ -318,7 +320,6 @@ def test_ddp_two_process_gloo_identical_parameters(tmp_path):
 # ---------------------------------------------------------------------- benchmark script
 @pytest.mark.slow
 def test_compare_methods_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_methods
 
     res = compare_methods.main(["--seeds", "0", "--epochs", "1", "--methods", "dense,pilot", "--out", str(tmp_path)])
@@ -334,9 +335,8 @@ def test_compare_methods_smoke(tmp_path):
 # group is alive.
 _DIST_HELPER = """
 import json, os, sys, torch
-sys.path.insert(0, {pydir!r})
 import train
-from pilot_train.dist import init_distributed, shutdown
+from dist import init_distributed, shutdown
 
 args = train.get_args_parser().parse_args(sys.argv[1:])
 info = init_distributed(args.device, need_group=args.fsdp)
@@ -348,8 +348,8 @@ try:
         del h["time_s"], h["train"]["time_s"], h["train"]["images_per_s"]
     if res.get("full_model") is not None:
         from torch.utils.data import DataLoader, Subset
-        from pilot_train.data import load_digits_split
-        from pilot_train.engine import evaluate
+        from data import load_digits_split
+        from engine import evaluate
         _, val_set, _ = load_digits_split(16, 1)
         part = range(0, 100) if info.rank == 0 else range(100, 140)
         loader = DataLoader(Subset(val_set, list(part)), batch_size=32)
@@ -367,10 +367,10 @@ def torchrun_train(tmp_path: Path, out: str, *flags: str) -> list[dict]:
     """``train.py`` on 2 CPU processes (gloo); returns each rank's metrics."""
     helper = tmp_path / "dist_helper.py"
     if not helper.exists():
-        helper.write_text(_DIST_HELPER.format(pydir=str(PYDIR)))
+        helper.write_text(_DIST_HELPER.format())  # {{ }} unescape
     results = tmp_path / f"{out}_ranks"
     results.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HELPER_OUT": str(results)}
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1", "HELPER_OUT": str(results)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
            *FAST, "--device", "cpu", "-b", "32", "--output-dir", str(tmp_path / out), *flags]
     # A collective out of step (e.g. an FSDP forward on one rank only) hangs: the timeout catches it.
@@ -486,7 +486,7 @@ def test_fsdp_one_process_and_checkpoints_interchange_with_plain(tmp_path):
     ref = ckpt.load(str(tmp_path / "plain" / "checkpoint.pt"))
     checkpoints_equal(ref, ckpt.load(str(tmp_path / "f2p" / "checkpoint.pt")))
     from_plain = ckpt.load(str(tmp_path / "p2f" / "checkpoint.pt"))
-    from pilot_train.fsdp import optimizer_sd_to_ids
+    from fsdp import optimizer_sd_to_ids
 
     from_plain["optimizer"] = optimizer_sd_to_ids(from_plain["optimizer"], plain["model"], plain["optimizer"])
     checkpoints_equal(ref, from_plain)

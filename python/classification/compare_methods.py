@@ -2,7 +2,7 @@
 """Accuracy vs. sparsity of six sparsification methods on the embedded digits data.
 
 Every method trains the default ``digits_cnn`` (61 k parameters) on scikit-learn's
-handwritten digits with ``python/train.py`` (same data, schedule, epochs and seeds),
+handwritten digits with ``train.py`` (beside this script) (same data, schedule, epochs and seeds),
 then the weights are pruned one-shot by global magnitude to each sparsity, without
 fine-tuning, and evaluated on the 360 held-out images (spec §6):
 
@@ -19,8 +19,8 @@ pilot               PILoT: β = 1 and the adaptive α of Algorithm 1
 grid, seed 0, as the sparsest model within 1 point of its own unpruned accuracy);
 "pilot init only" reuses PILoT's α.  Runs go in parallel, one thread each.
 
-    python benchmarks/compare_methods.py                 # 3 seeds, ~5-8 min on 2 cores
-    python benchmarks/compare_methods.py --seeds 0 --epochs 5 --out /tmp/cmp   # smoke
+    python python/classification/compare_methods.py                 # 3 seeds, ~5-8 min on 2 cores
+    python python/classification/compare_methods.py --seeds 0 --epochs 5 --out /tmp/cmp   # smoke
 
 Writes ``compare_methods_embedded.{json,md,png}`` into ``--out``
 (default ``benchmarks/results``).
@@ -39,13 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "python" / "train.py"
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from pilot_kernels.envinfo import environment
+from report import best_within, plot_sweeps, write_json
 
-from _env import environment  # noqa: E402
-from pilot_train.report import best_within, plot_sweeps, write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TRAIN = HERE / "train.py"
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995]
 TABLE_AT = [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
@@ -129,7 +128,7 @@ def markdown(summary: dict[str, Any], args, wall: float, env_line: str, runs: li
     lines = [
         "# Accuracy vs. sparsity on the embedded digits data",
         "",
-        f"`python benchmarks/compare_methods.py --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs}` — "
+        f"`python python/classification/compare_methods.py --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs}` — "
         f"model `digits_cnn` (61 k parameters, 60,688 in conv/linear weights), scikit-learn digits upscaled to "
         f"16×16, 1,437 train / 360 val images, {args.epochs} epochs, batch 64, lr 0.1 (2 warmup epochs + cosine), "
         f"momentum 0.9. Sparsity = fraction of conv/linear weights pruned by one global magnitude ranking, "

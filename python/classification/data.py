@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from pilot_kernels.compat import import_torchvision
-from .models import DIGITS_ARCH
+import torchvision
+from models import DIGITS_ARCH
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,8 +106,7 @@ def load_digits_split(image_size: int = 16, channels: int = 1, shift: int = 2):
 # ---------------------------------------------------------------------- ImageFolder
 def imagefolder_splits(root: str, train_crop: int = 224, val_resize: int = 256, val_crop: int = 224):
     """``root/train`` and ``root/val`` as ImageFolders with the ImageNet transforms."""
-    tv = import_torchvision()
-    T = tv.transforms
+    T = torchvision.transforms
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(train_crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(val_resize), T.CenterCrop(val_crop), T.ToTensor(), normalize])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pilot_kernels.compat import import_torchvision
+import torchvision
 
 DIGITS_ARCH = "digits_cnn"
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,7 +54,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     """``digits_cnn`` or any ``torchvision.models`` architecture name (random init)."""
     if arch == DIGITS_ARCH:
         return DigitsCNN(num_classes=num_classes)
-    models = import_torchvision().models
+    models = torchvision.models
     try:
         return models.get_model(arch, weights=None, num_classes=num_classes)
     except ValueError as e:

@@ -37,7 +37,7 @@ from torch import nn
 from pilot_kernels import PILoT
 from pilot_kernels.sparsity import apply_keep_masks_, prune_
 
-from .methods import sparsity_optimizer
+from methods import sparsity_optimizer
 
 _FACTOR_STATE = ("m", "w")
 _MOMENTUM_STATE = ("momentum_m", "momentum_w", "momentum_buffer")

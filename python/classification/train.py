@@ -6,15 +6,15 @@ trains the small default CNN on the handwritten digits shipped inside scikit-lea
 (no download) with PILoT — 40 epochs, about 20–30 s on two idle CPU cores — and ends
 with the accuracy-vs-sparsity sweep::
 
-    python python/train.py                                      # embedded digits, PILoT
-    python python/train.py --method dense                       # the dense baseline
-    python python/train.py --data-path /data/imagenet --preset imagenet-pilot
-    torchrun --nproc_per_node 8 python/train.py --data-path /data/imagenet \\
+    python python/classification/train.py                                      # embedded digits, PILoT
+    python python/classification/train.py --method dense                       # the dense baseline
+    python python/classification/train.py --data-path /data/imagenet --preset imagenet-pilot
+    torchrun --nproc_per_node 8 python/classification/train.py --data-path /data/imagenet \\
         --preset imagenet-pilot -b 32                           # global batch 256
-    torchrun --nproc_per_node 2 python/train.py --device cpu    # DDP on CPU (gloo)
-    torchrun --nproc_per_node 8 python/train.py --data-path /data/imagenet \\
+    torchrun --nproc_per_node 2 python/classification/train.py --device cpu    # DDP on CPU (gloo)
+    torchrun --nproc_per_node 8 python/classification/train.py --data-path /data/imagenet \\
         --preset imagenet-pilot -b 32 --fsdp                    # FSDP2 instead of DDP
-    torchrun --nproc_per_node 2 python/train.py --device cpu --fsdp   # FSDP2 on CPU (gloo)
+    torchrun --nproc_per_node 2 python/classification/train.py --device cpu --fsdp   # FSDP2 on CPU (gloo)
 
 Every epoch logs train loss/accuracy, val top-1/top-5, α, the L1 norm ``Σ|x|`` over the
 reparameterized tensors (``ndim >= 2``) and their global sparsity at the absolute
@@ -47,21 +47,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-try:
-    import pilot_kernels  # noqa: F401
-except ImportError:  # a checkout that was not pip-installed
-    sys.path.insert(0, os.path.dirname(_HERE))
-
 from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep  # noqa: E402
 
-from pilot_train import checkpoint as ckpt  # noqa: E402
-from pilot_train.data import build_data  # noqa: E402
-from pilot_train import fsdp as fsdp_utils  # noqa: E402
-from pilot_train.dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown  # noqa: E402
-from pilot_train.engine import evaluate, train_one_epoch  # noqa: E402
-from pilot_train.methods import (  # noqa: E402
+import checkpoint as ckpt  # noqa: E402
+from data import build_data  # noqa: E402
+import fsdp as fsdp_utils  # noqa: E402
+from dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown  # noqa: E402
+from engine import evaluate, train_one_epoch  # noqa: E402
+from methods import (  # noqa: E402
     ALPHA_SCHEDULES,
     DEFAULT_WD,
     METHODS,
@@ -76,9 +69,9 @@ from pilot_train.methods import (  # noqa: E402
     step_alpha,
     uses_pilot,
 )
-from pilot_train.models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels  # noqa: E402
-from pilot_train.pruning import Masks, snapshot, start_cycle  # noqa: E402
-from pilot_train.report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_rows, write_json  # noqa: E402
+from models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels  # noqa: E402
+from pruning import Masks, snapshot, start_cycle  # noqa: E402
+from report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_rows, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------- defaults
 # Built-in defaults for the embedded digits data (no --data-path): chosen so that the

@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dist import DistInfo, all_reduce_max, all_reduce_sum
-from .methods import add_l1_subgradient_
-from .models import PARAM_DTYPES
+from dist import DistInfo, all_reduce_max, all_reduce_sum
+from methods import add_l1_subgradient_
+from models import PARAM_DTYPES
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +55,7 @@ def train_one_epoch(
     """Train one epoch; returns all-reduced ``loss``, ``acc`` (percent), ``images``,
     and this rank's ``time_s``, ``images_per_s`` and ``lr`` (of the epoch's last step).
 
-    ``masks`` (:class:`~pilot_train.pruning.Masks`, iterative pruning of dense/l1) zeroes
+    ``masks`` (:class:`~pruning.Masks`, iterative pruning of dense/l1) zeroes
     the pruned gradients before the step and the pruned weights after it.
     """
     model.train()
