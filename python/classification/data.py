@@ -118,7 +118,7 @@ def imagefolder_splits(root: str, train_crop: int = 224, val_resize: int = 256, 
                 f"--data-path {root!r} has no {split}/ folder; expected {root}/train/<class>/<image> "
                 f"and {root}/val/<class>/<image> (ImageFolder layout)"
             )
-        sets.append(tv.datasets.ImageFolder(path, transform=tf, loader=pil_loader_naming_path))
+        sets.append(torchvision.datasets.ImageFolder(path, transform=tf, loader=pil_loader_naming_path))
     train, val = sets
     if train.classes != val.classes:
         raise ValueError(
