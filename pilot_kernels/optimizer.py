@@ -21,9 +21,10 @@ from .kernels import check_backend_name, get_step_fn, resolve_backend
 __all__ = ["PILoT", "pilot"]
 
 _REPARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Per-tensor state keys of a reparameterized tensor (all fp32, shaped like the param).
+# Per-tensor state keys; public as PILoT.FACTOR_KEYS etc. (see the class).
 _FACTOR_KEYS = ("m", "w")
 _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
+_SGD_MOMENTUM_KEY = "momentum_buffer"
 # False until a tensor's momentum buffers hold history (SGD's first step: b = d).
 _STARTED = "momentum_started"
 
@@ -130,6 +131,11 @@ class PILoT(Optimizer):
             ``step()`` free of host syncs and host-side decisions, so a whole training
             step can be captured in a CUDA graph.  Change them in place between replays
             (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).
+        fused_unscale (bool): let ``torch.amp.GradScaler`` pass its scale and inf flag
+            to :meth:`step`, to unscale inside the step without a host sync (default
+            True); False leaves unscaling to the scaler (see AMP below).  Sets the
+            instance's ``_step_supports_amp_scaling``, the attribute torch's GradScaler
+            and PyTorch Lightning read.
 
     State of a reparameterized tensor ``p``: ``state[p]["m"]``, ``state[p]["w"]`` and,
     when the group has momentum, ``state[p]["momentum_m"]``, ``state[p]["momentum_w"]``;
@@ -141,9 +147,15 @@ class PILoT(Optimizer):
     Distributed: under DDP nothing changes.  Under FSDP2 (DTensor parameters) every
     rank updates its local shard and :meth:`l1_norm` all-reduces over the shards.
 
-    AMP: ``torch.amp.GradScaler`` passes ``grad_scale``/``found_inf``; gradients are
-    unscaled inside the step and a step with inf/NaN gradients changes nothing,
-    without a host sync.
+    AMP (``torch.amp.GradScaler``): with ``fused_unscale=True`` (the default) the scaler
+    hands ``grad_scale``/``found_inf`` to :meth:`step`, which unscales the gradients
+    inside the fused pass; a step with inf/NaN gradients changes nothing, and nothing is
+    read on the host.  ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to clip the
+    unscaled gradients) is honoured: the step then only checks ``found_inf``.
+    ``fused_unscale=False`` makes the optimizer an ordinary one for the scaler, which
+    unscales the gradients itself and skips ``step()`` on inf/NaN (one host sync per
+    step); frameworks that clip only such optimizers need it (PyTorch Lightning's
+    mixed-precision plugin refuses to clip otherwise).
 
     Example::
 
@@ -153,7 +165,14 @@ class PILoT(Optimizer):
         >>> opt.l1_norm()   # Σ|m ⊙ w| as of the last step, on the device
     """
 
-    _step_supports_amp_scaling = True
+    #: State keys of a reparameterized tensor's fp32 factors.
+    FACTOR_KEYS: tuple[str, ...] = _FACTOR_KEYS
+    #: State keys of momentum buffers: a split tensor's two, a plain tensor's SGD one.
+    MOMENTUM_KEYS: tuple[str, ...] = _MOMENTUM_KEYS + (_SGD_MOMENTUM_KEY,)
+    #: State key of the flag "the momentum buffers hold history" (False: next step b = d).
+    STARTED_KEY: str = _STARTED
+    #: Every per-tensor state key PILoT writes.
+    STATE_KEYS: tuple[str, ...] = FACTOR_KEYS + MOMENTUM_KEYS + (STARTED_KEY,)
 
     def __init__(
         self,
@@ -169,7 +188,10 @@ class PILoT(Optimizer):
         reparam: Union[str, bool] = "auto",
         backend: str = "auto",
         capturable: bool = False,
+        fused_unscale: bool = True,
     ) -> None:
+        if not isinstance(fused_unscale, bool):
+            raise TypeError(f"fused_unscale must be True or False, got {fused_unscale!r}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -197,7 +219,30 @@ class PILoT(Optimizer):
         # Whether any parameter is a DTensor: step() then works on local shards.  Asked
         # once here instead of per tensor per step (the step's host cost is budgeted).
         self._sharded = False
+        # Per instance, not per class: GradScaler and Lightning read it from the object.
+        self._step_supports_amp_scaling = fused_unscale
         super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ pickling
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; ours adds the
+    # AMP choice and the L1 slots, and re-derives the rest (process groups and kernel
+    # plans cannot, or must not, travel).
+    _PICKLED = ("_step_supports_amp_scaling", "_l1", "_l1_latest")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_step_supports_amp_scaling", True)
+        self.__dict__.setdefault("_l1", {})
+        self.__dict__.setdefault("_l1_latest", {d: 0 for d in self._l1})
+        self._workspaces = {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._sharded = any(isinstance(p, DTensor) for p in params)
+        self._l1_groups = shard_groups(params) if self._sharded else []
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

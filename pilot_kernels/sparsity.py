@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .dtensor import all_reduce_over_shards_, local, shard_groups
-from .optimizer import _FACTOR_KEYS, _MOMENTUM_KEYS
+from .optimizer import PILoT
 
 __all__ = [
     "SparsityReport",
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 _SCOPES = ("global", "layer")
 # Per-tensor optimizer state that pruning zeroes along with x.
-_PRUNED_STATE_KEYS = _FACTOR_KEYS + _MOMENTUM_KEYS
+_PRUNED_STATE_KEYS = PILoT.FACTOR_KEYS + PILoT.MOMENTUM_KEYS
 
 
 # ---------------------------------------------------------------------- validation
