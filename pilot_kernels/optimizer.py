@@ -370,7 +370,7 @@ class PILoT(Optimizer):
         single_slot = any(g["capturable"] for g in self.param_groups)
         stepped_devices: set[torch.device] = set()
         for gi, group in enumerate(self.param_groups):
-            dense, dense_grads, dense_bufs = [], [], []
+            dense, dense_grads, dense_bufs, dense_firsts = [], [], [], []
             buckets: dict[tuple[torch.device, torch.dtype], dict[str, list]] = {}
             momentum = group["momentum"] != 0
             for p in group["params"]:
@@ -382,9 +382,9 @@ class PILoT(Optimizer):
                 if not self.is_reparameterized(state):
                     dense.append(p)
                     dense_grads.append(p.grad)
-                    # None asks SGD for its first step (b = g); it allocates the buffer.
-                    dense_bufs.append(state["momentum_buffer"] if momentum and state[_STARTED] else None)
                     if momentum:
+                        dense_bufs.append(state[_SGD_MOMENTUM_KEY])
+                        dense_firsts.append(not state[_STARTED])
                         state[_STARTED] = True
                     continue
                 local = _local if self._sharded else _same
@@ -405,7 +405,7 @@ class PILoT(Optimizer):
                     b["firsts"].append(True)
 
             if dense:
-                self._sgd_step(group, dense, dense_grads, dense_bufs, grad_scale, found_inf)
+                self._sgd_step(group, dense, dense_grads, dense_bufs, dense_firsts, grad_scale, found_inf)
 
             for (device, dtype), b in buckets.items():
                 latest = self._l1_latest[device]
@@ -437,26 +437,32 @@ class PILoT(Optimizer):
                 self._l1_latest[device] = 1 - self._l1_latest[device]
         return loss
 
-    def _sgd_step(self, group, params, grads, bufs, grad_scale, found_inf) -> None:
-        """torch.optim.SGD's own functional step for the tensors that are not split."""
+    def _sgd_step(self, group, params, grads, bufs, firsts, grad_scale, found_inf) -> None:
+        """torch.optim.SGD's own step for the tensors that are not split.
+
+        ``bufs`` are the zero-allocated momentum buffers (empty without momentum),
+        ``firsts`` whether each holds no history yet.  Without AMP and capturable mode
+        this is ``torch.optim.sgd.sgd`` itself, bit for bit: a first step passes ``None``
+        and SGD returns ``b = g`` in a new buffer.  With a ``found_inf`` (AMP) or device
+        hyperparameters (capturable) it is torch's fused SGD kernel, but always on our
+        own buffers: torch's fused path would allocate ``empty_like`` buffers for a
+        first step and leave them uninitialised when ``found_inf`` skips it.
+        """
         amp = grad_scale is not None or found_inf is not None
-        if torch.compiler.is_compiling() and not amp:
-            # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports
-            # every group as capturable: the single-tensor loop compiles instead.
-            fused, foreach = False, False
-        elif amp or group["capturable"]:
-            # Only fused SGD takes grad_scale/found_inf and reads a tensor lr on device.
-            fused, foreach = True, None
-        else:
-            fused, foreach = None, None  # torch.optim.SGD's own default
+        if amp or (group["capturable"] and not torch.compiler.is_compiling()):
+            _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf)
+            return
+        momentum = group["momentum"] != 0
+        sgd_bufs = [None if first else b for b, first in zip(bufs, firsts)] if momentum else [None] * len(params)
+        # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports every
+        # group as capturable: the single-tensor loop compiles instead.
+        compiling = torch.compiler.is_compiling()
         _sgd_functional(
             params,
             grads,
-            bufs,
-            foreach=foreach,
-            fused=fused,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
+            sgd_bufs,
+            foreach=False if compiling else None,
+            fused=False if compiling else None,
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
             lr=group["lr"],
@@ -464,9 +470,9 @@ class PILoT(Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
         )
-        if group["momentum"] != 0:
-            for p, buf in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = buf
+        if momentum:
+            for p, buf in zip(params, sgd_bufs):
+                self.state[p][_SGD_MOMENTUM_KEY] = buf
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -600,3 +606,40 @@ def pilot(
 def _split_scalar(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
     """A float or device-tensor hyperparameter as the custom op's (float, tensor) pair."""
     return (0.0, v) if isinstance(v, Tensor) else (float(v), None)
+
+
+def _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf) -> None:
+    """torch's fused SGD kernel (``torch._fused_sgd_``, what ``SGD(fused=True)`` runs) on
+    buffers that always exist.  Its first-step flag is one per call, so first and
+    continuing tensors go in separate calls.  A step that ``found_inf`` skips leaves
+    the buffers as they were: zero before a first step, so the next step computes
+    ``b = μ·0 + (1−τ)·g``, SGD's ``b = g`` whenever the dampening τ is 0 (which step was
+    skipped is known only on the device; telling the host would cost a sync).
+    """
+    momentum = group["momentum"] != 0
+    if momentum:
+        parts = [(f, [i for i, first in enumerate(firsts) if first == f]) for f in (True, False)]
+    else:
+        parts = [(False, range(len(params)))]
+    for is_first, idx in parts:
+        if not idx:
+            continue
+        lists = [[params[i] for i in idx], [grads[i] for i in idx]]
+        if momentum:
+            lists.append([bufs[i] for i in idx])
+        grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=False)
+        for (device, _), (tensors, _) in grouped.items():
+            torch._fused_sgd_(
+                tensors[0],
+                tensors[1],
+                tensors[2] if momentum else [],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                is_first_step=is_first,
+                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+            )

@@ -95,3 +95,77 @@ def test_clip_after_unscale_equals_manual_clip(fused_unscale):
     ref, ref_opt = _manual_run(clip=0.05, skip=(1,))
     assert_same_state(opt, list(model.parameters()), ref_opt, list(ref.parameters()),
                       exact=not fused_unscale, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ inf steps and first steps
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_inf_on_the_very_first_step_leaves_clean_momentum(dampening):
+    """A skipped first step must leave every momentum buffer zero and the next steps
+    equal a run that never saw it.  Plain tensors (biases) included: they once got
+    torch's empty_like buffers, garbage after the skip.  With dampening τ ≠ 0 the first
+    real step cannot tell, without a host sync, that the earlier one was skipped, and
+    takes b = (1−τ)·d (the buffers are zero) instead of SGD's b = d."""
+    model, opt = _scaled_run(True, inf_at=(0,), steps=3, dampening=dampening)
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    ref, ref_opt = _manual_run(skip=(0,), steps=3, dampening=dampening)
+    if dampening == 0:
+        assert_same_state(opt, list(model.parameters()), ref_opt, list(ref.parameters()),
+                          exact=False, rtol=1e-6, atol=1e-7)
+    # A first step that is skipped changes nothing, buffers included.
+    model = _model()
+    opt = PILoT(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening)
+    before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+              for p in model.parameters()}
+    model(_batches(1)[0]).sum().backward()
+    opt.grad_scale, opt.found_inf = torch.tensor([256.0]), torch.tensor([1.0])
+    opt.step()
+    for p, (x0, st0) in before.items():
+        assert torch.equal(p.detach(), x0)
+        for k, v in st0.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+def test_late_first_gradient_under_amp():
+    """A plain tensor whose first gradient comes after others have started momentum
+    (unfreezing mid-run) steps under AMP like it does without."""
+    runs = []
+    for amp in (True, False):
+        model = _model()
+        opt = PILoT(model.parameters(), lr=0.05, momentum=0.9, alpha=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0, enabled=amp)
+        model[2].bias.requires_grad_(False)
+        for i, x in enumerate(_batches(4)):
+            if i == 2:
+                model[2].bias.requires_grad_(True)
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((opt, list(model.parameters())))
+    (a, pa), (b, pb) = runs
+    assert_same_state(a, pa, b, pb, exact=False, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_plain_tensors_under_amp_equal_fused_sgd(nesterov):
+    """Without inf steps, the plain tensors under GradScaler equal
+    torch.optim.SGD(fused=True) under the same scaler, bit for bit."""
+    runs = []
+    for make in (lambda ps: PILoT(ps, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=1e-2, reparam=False),
+                 lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=1e-2,
+                                            fused=True)):
+        model = _model()
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        for x in _batches(3):
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append(list(model.parameters()))
+        for p in model.parameters():
+            opt.state[p].pop("momentum_started", None)
+        runs.append(opt)
+    pa, a, pb, b = runs
+    assert_same_state(a, pa, b, pb, exact=True)
