@@ -49,10 +49,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # csrc/ ships inside the package as pilot_kernels/_csrc, so an installed (non-editable)
-    # pilot_kernels can still build the cuda backend just in time.
+    # pilot_kernels can still build the cuda and cpu backends just in time.
     packages=find_packages(include=["pilot_kernels", "pilot_kernels.*"]) + ["pilot_kernels._csrc"],
     package_dir={"pilot_kernels._csrc": "csrc"},
-    package_data={"pilot_kernels._csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
+    package_data={"pilot_kernels._csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "cpu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         # Triton ships Linux wheels only; elsewhere the reference backend is used.

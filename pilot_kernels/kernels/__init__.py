@@ -10,26 +10,35 @@ one dtype and one param group.
 * ``triton``    — one fused Triton launch per call (``fused_triton``).
 * ``cuda``      — the CUDA C++ twin in ``csrc/`` (``fused_cuda``), built ahead of time or
   on first use.
+* ``cpu``       — the fused, vectorized, multithreaded C++ step for CPU tensors in
+  ``csrc/cpu/`` (``fused_cpu``), built on first use.
 
-``backend="auto"`` picks ``triton`` for CUDA tensors and ``reference`` otherwise; the
-environment variable ``PILOT_BACKEND`` overrides ``auto`` (not an explicit choice).
+``backend="auto"`` picks ``triton`` for CUDA tensors, ``cpu`` for CPU tensors and
+``reference`` otherwise.  Where the ``cpu`` module cannot be built (no compiler, no
+ninja, a failed compile) ``auto`` falls back to ``reference`` with one warning per
+process.  The environment variable ``PILOT_BACKEND`` overrides ``auto`` (not an explicit
+choice).
 """
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "PILOT_BACKEND"
 
 _MODULES = {
     "reference": "pilot_kernels.kernels.reference",
     "triton": "pilot_kernels.kernels.fused_triton",
     "cuda": "pilot_kernels.kernels.fused_cuda",
+    "cpu": "pilot_kernels.kernels.fused_cpu",
 }
+# Whether the cpu backend could be built in this process (None: not asked yet).
+_CPU_OK: Optional[bool] = None
 
 
 def check_backend_name(name: str) -> None:
@@ -49,7 +58,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
         name = os.environ.get(ENV_VAR, "auto")
         check_backend_name(name)
         if name == "auto":
-            return "triton" if device.type == "cuda" else "reference"
+            if device.type == "cuda":
+                return "triton"
+            return "cpu" if device.type == "cpu" and _cpu_available() else "reference"
     if name in ("triton", "cuda") and device.type != "cuda":
         if name == "triton" and triton_interpreting():
             return name
@@ -58,7 +69,30 @@ def resolve_backend(name: str, device: torch.device) -> str:
             f"backend={name!r} needs CUDA tensors but got a {device.type} tensor; "
             f"use backend='auto' or 'reference'{hint}"
         )
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(
+            f"backend='cpu' needs CPU tensors but got a {device.type} tensor; use backend='auto'"
+        )
     return name
+
+
+def _cpu_available() -> bool:
+    """Whether ``auto`` may take the cpu backend: builds it on the first CPU step and, if
+    that fails, says so once and settles on the reference for the rest of the process."""
+    global _CPU_OK
+    if _CPU_OK is None:
+        from . import fused_cpu
+
+        _CPU_OK = fused_cpu.available()
+        if not _CPU_OK:
+            reason = (str(fused_cpu.build_error()).strip().splitlines() or ["unknown error"])[0]
+            warnings.warn(
+                f"pilot_kernels: the fused cpu backend is unavailable, using the reference "
+                f"backend instead ({reason})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _CPU_OK
 
 
 def get_step_fn(name: str) -> Callable[..., None]:

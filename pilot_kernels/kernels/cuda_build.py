@@ -43,6 +43,7 @@ __all__ = [
     "cxx_flags",
     "extension_for_setup",
     "check_toolchain",
+    "check_max_jobs",
     "jit_name",
     "jit_load",
 ]
@@ -154,10 +155,15 @@ def cxx_flags() -> list[str]:
     return ["-O3", f"-std={cxx_std()}"]
 
 
-def _check_max_jobs() -> None:
+def check_max_jobs() -> None:
+    """Raise a ValueError naming the fix when ``MAX_JOBS`` is set but not a positive integer
+    (shared with the cpu backend's build, :mod:`.cpu_build`)."""
     jobs = os.environ.get("MAX_JOBS")
     if jobs is not None and not (jobs.isdigit() and int(jobs) > 0):
         raise ValueError(f"MAX_JOBS must be a positive integer, got {jobs!r}; unset it or set e.g. MAX_JOBS=4")
+
+
+_check_max_jobs = check_max_jobs  # the name tests/test_cuda_build.py uses
 
 
 def extension_for_setup():
@@ -170,7 +176,7 @@ def extension_for_setup():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     check_toolchain(for_setup=True)
-    _check_max_jobs()
+    check_max_jobs()
     d = csrc_dir()
     root = Path.cwd().resolve()
     try:  # setuptools prefers sources relative to setup.py's directory
@@ -232,7 +238,7 @@ def jit_load(verbose: Optional[bool] = None):
     from torch.utils import cpp_extension
 
     check_toolchain()
-    _check_max_jobs()
+    check_max_jobs()
     if verbose is None:
         verbose = os.environ.get("PILOT_CUDA_VERBOSE", "0") == "1"
     archs = arch_list(jit=True)
