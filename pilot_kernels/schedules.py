@@ -1,4 +1,4 @@
-r"""Schedules for PILoT's decay strength α (spec §5).
+r"""Schedules for PILoT's decay strength α (paper appendix C.1 and Algorithm 1).
 
 These follow the habits of :mod:`torch.optim.lr_scheduler`, but drive every param
 group's ``group["alpha"]`` instead of its ``lr``:
@@ -8,9 +8,27 @@ group's ``group["alpha"]`` instead of its ``lr``:
   initial step, after which ``last_epoch == 0``;
 * :meth:`AlphaScheduler.step` advances ``last_epoch`` by one and writes the new α into
   every group; :meth:`~AlphaScheduler.get_last_alpha` returns what was written last;
-* :meth:`~AlphaScheduler.state_dict` holds everything except the optimizer.  To resume,
-  load the optimizer's state_dict (it carries ``alpha`` and ``initial_alpha``) and the
-  scheduler's.
+* :meth:`~AlphaScheduler.state_dict` holds everything except the optimizer.
+
+Checkpoints: the schedule travels with the optimizer.  A scheduler attaches itself to
+its optimizer, and ``optimizer.state_dict()`` carries the progress of every α scheduler
+alive on it (in each param group, under ``"alpha_schedulers"``, the way ``initial_lr``
+travels for lr schedulers), so whatever saves and restores the optimizer (a plain
+``torch.save``, PyTorch Lightning, the Hugging Face ``Trainer``, timm,
+``torch.distributed.checkpoint``) restores the schedule exactly, with no extra wiring:
+
+* ``optimizer.load_state_dict(sd)`` restores the schedulers already attached, in the
+  order they were built (the i-th built gets the i-th saved);
+* a scheduler built *after* the load (a framework callback that builds it at the start
+  of training) takes its saved progress at construction instead of starting over;
+  ``resume=False`` starts the schedule afresh.
+
+What is restored is the progress (``last_epoch``, the α0s, AdaptiveAlpha's previous
+accuracy and L1); the settings (``p``, ``total_epochs``, ``delta``, ``l1_threshold``) are
+the ones the scheduler is built with.  A saved schedule of another class is not applied
+(a warning says so).  :meth:`~AlphaScheduler.load_state_dict` still loads everything,
+like ``lr_scheduler``'s.  With ``torch.distributed.checkpoint``, which loads only what the
+template asks for, build the scheduler before taking the template.
 
 Static schedules (paper appendix C.1).  ``step()`` may be called once per optimizer
 step or once per epoch: the caller's choice.  With ``k = last_epoch + 1`` the 1-based
@@ -32,13 +50,18 @@ for the first period.  The geometric schedule after ``n`` calls of ``step()`` is
 ``α0 · p^n``, i.e. the paper's ``α0 · p^k`` with ``α0`` re-based by one factor ``p``.
 
 Adaptive schedule (paper Algorithm 1): :class:`AdaptiveAlpha`, stepped once per epoch
-with the epoch's training accuracy.
+with the epoch's training accuracy.  It scales α by δ or 1/δ, so it needs α0 > 0 (an α
+of 0 could never grow) and a finite δ >= 1; it refuses anything else with a message
+that says what to pass.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+import weakref
 from numbers import Real
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -66,6 +89,74 @@ def _check_alpha_optimizer(optimizer: Any) -> None:
             )
 
 
+#: Param-group key under which ``optimizer.state_dict()`` carries the α schedulers'
+#: progress: a list with one ``{"type": class name, "state": {...}}`` per scheduler.
+STATE_KEY = "alpha_schedulers"
+
+
+class _Attached:
+    """The α schedulers attached to one optimizer, and saved progress not yet claimed.
+
+    Held in a WeakKeyDictionary keyed by the optimizer, with weak references to the
+    schedulers: neither keeps the other alive, and nothing is stored on the optimizer
+    except the published ``STATE_KEY`` entry of its param groups.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.schedulers: list[weakref.ref] = []
+        # Saved entries beyond the attached schedulers: claimed, in order, by the next
+        # schedulers built.  An optimizer that arrives with entries already in its groups
+        # (a deepcopy or unpickled copy of one with schedulers) starts with them pending.
+        groups = optimizer.param_groups
+        self.pending: list[dict] = list(groups[0].get(STATE_KEY, [])) if groups else []
+        self.incoming: Optional[list[dict]] = None  # seen by the load pre-hook
+        optimizer.register_state_dict_pre_hook(_publish_hook)
+        optimizer.register_load_state_dict_pre_hook(_load_pre_hook)
+        optimizer.register_load_state_dict_post_hook(_load_post_hook)
+
+    def alive(self) -> list["AlphaScheduler"]:
+        live = [s for s in (r() for r in self.schedulers) if s is not None]
+        if len(live) != len(self.schedulers):
+            self.schedulers = [weakref.ref(s) for s in live]
+        return live
+
+    def publish(self, optimizer: Optimizer) -> None:
+        """Write every scheduler's progress (and pending entries) into the live groups.
+
+        Always a fresh list: a state_dict taken earlier (torch copies groups shallowly)
+        keeps the snapshot it was taken with."""
+        entries = [s._entry() for s in self.alive()] + copy.deepcopy(self.pending)
+        for group in optimizer.param_groups:
+            if entries:
+                group[STATE_KEY] = copy.deepcopy(entries)
+            else:
+                group.pop(STATE_KEY, None)
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[Optimizer, _Attached]" = weakref.WeakKeyDictionary()
+
+
+def _publish_hook(optimizer: Optimizer) -> None:
+    _ATTACHED[optimizer].publish(optimizer)
+
+
+def _load_pre_hook(optimizer: Optimizer, state_dict: dict) -> None:
+    groups = state_dict.get("param_groups") or [{}]
+    entries = next((g[STATE_KEY] for g in groups if STATE_KEY in g), None)
+    _ATTACHED[optimizer].incoming = None if entries is None else copy.deepcopy(list(entries))
+
+
+def _load_post_hook(optimizer: Optimizer) -> None:
+    record = _ATTACHED[optimizer]
+    entries, record.incoming = record.incoming, None
+    if entries is not None:  # a state_dict without schedules leaves the schedulers alone
+        live = record.alive()
+        for scheduler, entry in zip(live, entries):
+            scheduler._restore(entry)
+        record.pending = entries[len(live):]
+    record.publish(optimizer)
+
+
 class AlphaScheduler:
     r"""Base class of the α schedulers: the ``lr_scheduler.LRScheduler`` of ``alpha``.
 
@@ -77,16 +168,25 @@ class AlphaScheduler:
         optimizer (Optimizer): the optimizer whose groups' ``alpha`` this drives
             (a :class:`pilot_kernels.PILoT`).
         last_epoch (int): index of the last period seen.  Use ``-1`` (default) to start;
-            use another value only to resume, with ``initial_alpha`` already in every
-            group (as after loading the optimizer's state_dict).
+            use another value only to resume by hand, with ``initial_alpha`` already in
+            every group (as after loading the optimizer's state_dict).
+        resume (bool): when the optimizer carries the saved progress of a schedule of
+            this class (its state_dict was loaded before this scheduler was built),
+            continue it (default) instead of starting over.  Keyword only.
 
     Attributes:
         base_alphas (list[float]): every group's ``initial_alpha``, the α0 of the schedule.
         last_epoch (int): number of :meth:`step` calls since construction (0 right after).
     """
 
-    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
+    #: Constructor arguments that are settings, not progress: a restore from the
+    #: optimizer's state_dict keeps the values this scheduler was built with.
+    _SETTINGS: tuple[str, ...] = ()
+
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1, *, resume: bool = True) -> None:
         _check_alpha_optimizer(optimizer)
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be True or False, got {resume!r}")
         if last_epoch == -1:
             for group in optimizer.param_groups:
                 group.setdefault("initial_alpha", float(group["alpha"]))
@@ -102,7 +202,17 @@ class AlphaScheduler:
         self.base_alphas: list[float] = [float(g["initial_alpha"]) for g in optimizer.param_groups]
         self.last_epoch = last_epoch
         self._last_alpha: list[float] = []
-        self._advance()
+        record = _ATTACHED.get(optimizer) or _ATTACHED.setdefault(optimizer, _Attached(optimizer))
+        saved = record.pending[0] if record.pending else None
+        if not (saved is not None and resume and last_epoch == -1 and self._restore(saved)):
+            self._advance()
+        # Attached only once built: a constructor that raised leaves no trace.  The
+        # saved entry is consumed whether or not it was applied (slots stay in order).
+        if saved is not None:
+            record.pending.pop(0)
+        record.alive()
+        record.schedulers.append(weakref.ref(self))
+        record.publish(optimizer)
 
     # ------------------------------------------------------------------ schedule
     def _factor(self, k: int) -> float:
@@ -131,6 +241,7 @@ class AlphaScheduler:
         """Advance one period (a step or an epoch, the caller's choice) and set every
         group's ``alpha``."""
         self._advance()
+        self._publish()
 
     def get_last_alpha(self) -> list[float]:
         """The α of every param group as last set by this scheduler (a copy)."""
@@ -142,18 +253,58 @@ class AlphaScheduler:
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state returned by :meth:`state_dict`.
+        """Load a state returned by :meth:`state_dict`: progress and settings.
 
         Like ``lr_scheduler``, this does not touch the optimizer: load the optimizer's
-        own state_dict too (it holds the current ``alpha`` of every group).
+        own state_dict too (it holds the current ``alpha`` of every group, and usually
+        this scheduler's progress already; see the module docstring).
         """
+        self._check_groups(state_dict)
+        self.__dict__.update(state_dict)
+        self._publish()
+
+    def _check_groups(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("base_alphas", self.base_alphas)
         if len(saved) != len(self.optimizer.param_groups):
             raise ValueError(
                 f"state_dict is for {len(saved)} param groups but the optimizer has "
                 f"{len(self.optimizer.param_groups)}; build the optimizer with the same groups"
             )
-        self.__dict__.update(state_dict)
+
+    # The optimizer-side record: progress saved with, and restored from, its state_dict.
+    def _entry(self) -> dict[str, Any]:
+        return {"type": type(self).__qualname__, "state": copy.deepcopy(self.state_dict())}
+
+    def _restore(self, entry: dict[str, Any]) -> bool:
+        """Take the progress of a saved entry; False (and a warning) if it is another class's."""
+        if entry.get("type") != type(self).__qualname__:
+            warnings.warn(
+                f"the optimizer's state_dict holds the progress of a {entry.get('type')} α "
+                f"schedule where this {type(self).__qualname__} was built; it is not applied "
+                f"and {type(self).__qualname__} keeps its own state",
+                stacklevel=3,
+            )
+            return False
+        progress = {k: v for k, v in entry["state"].items() if k not in self._SETTINGS}
+        self._check_groups(progress)
+        self.__dict__.update(copy.deepcopy(progress))
+        return True
+
+    def _publish(self) -> None:
+        record = _ATTACHED.get(self.optimizer)
+        if record is not None:
+            record.publish(self.optimizer)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deepcopy or unpickled scheduler drives the copy of its optimizer: attach to
+        # it, taking the place of its own published entry.
+        self.__dict__.update(state)
+        optimizer = self.optimizer
+        record = _ATTACHED.get(optimizer) or _ATTACHED.setdefault(optimizer, _Attached(optimizer))
+        if record.pending:
+            record.pending.pop(0)
+        record.alive()
+        record.schedulers.append(weakref.ref(self))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(last_epoch={self.last_epoch}, alpha={self._last_alpha})"
@@ -188,16 +339,40 @@ class GeometricAlpha(AlphaScheduler):
         optimizer (Optimizer): a :class:`pilot_kernels.PILoT`.
         p (float): the ratio, ``0 < p <= 1`` (default 0.95, the paper's).
         last_epoch (int): as for :class:`AlphaScheduler`.
+        resume (bool): as for :class:`AlphaScheduler`.
     """
 
-    def __init__(self, optimizer: Optimizer, p: float = 0.95, last_epoch: int = -1) -> None:
+    _SETTINGS = ("p",)
+
+    def __init__(
+        self, optimizer: Optimizer, p: float = 0.95, last_epoch: int = -1, *, resume: bool = True
+    ) -> None:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"Invalid p: {p}; a decaying geometric schedule needs 0 < p <= 1")
         self.p = float(p)
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, resume=resume)
 
     def _factor(self, k: int) -> float:
         return self.p ** (k - 1)
+
+
+def _finite_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_alpha0_positive(optimizer: Optimizer) -> None:
+    """Raise if every group that holds reparameterized tensors has α = 0: ·δ keeps it 0."""
+    is_split = getattr(optimizer, "is_reparameterized", None)
+    groups = optimizer.param_groups
+    if callable(is_split):
+        split = [g for g in groups if any(is_split(optimizer.state[p]) for p in g["params"])]
+        groups = split or groups
+    if groups and all(float(g["alpha"]) == 0.0 for g in groups):
+        raise ValueError(
+            "AdaptiveAlpha scales α by δ or 1/δ, and every group with reparameterized tensors "
+            "has α = 0, which can never grow; build PILoT with alpha > 0 (the paper starts "
+            "at 7e-6 to 7e-5 on ImageNet) or use a static schedule"
+        )
 
 
 class AdaptiveAlpha(AlphaScheduler):
@@ -218,15 +393,18 @@ class AdaptiveAlpha(AlphaScheduler):
     After ``T/2`` α decays geometrically (the convergence theorem needs
     :math:`\int α_t\,dt < ∞`); calls beyond ``T`` keep dividing by δ.
     ``δ = 1`` keeps α constant (spred).  The schedule is multiplicative: it reads the
-    groups' current ``alpha``, so when resuming load the optimizer's state_dict too.
+    groups' current ``alpha`` (restored with the optimizer's state_dict), so α0 must be
+    positive: the groups that hold reparameterized tensors may not all start at α = 0.
 
     Args:
         optimizer (Optimizer): a :class:`pilot_kernels.PILoT` (needs ``l1_norm()``).
         total_epochs (int): ``T``, the number of training epochs.
-        delta (float): ``δ >= 1`` (default 1.01, the paper's).
-        l1_threshold (float): ``K >= 0``; α only grows while ``L1 > K``.  The paper uses
-            8000 (CIFAR) and 2e4–6e4 (ImageNet); the default 0 disables the check.
+        delta (float): ``δ``, finite and ``>= 1`` (default 1.01, the paper's).
+        l1_threshold (float): ``K``, finite and ``>= 0``; α only grows while ``L1 > K``.
+            The paper uses 8000 (CIFAR) and 2e4–6e4 (ImageNet); the default 0 disables
+            the check.
         last_epoch (int): as for :class:`AlphaScheduler`.
+        resume (bool): as for :class:`AlphaScheduler`.
 
     Attributes:
         previous_acc (float): :math:`a_{k-1}`, 0 before the first step.
@@ -240,6 +418,8 @@ class AdaptiveAlpha(AlphaScheduler):
         ...     sched.step(train_acc)
     """
 
+    _SETTINGS = ("total_epochs", "delta", "l1_threshold")
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -247,6 +427,8 @@ class AdaptiveAlpha(AlphaScheduler):
         delta: float = 1.01,
         l1_threshold: float = 0.0,
         last_epoch: int = -1,
+        *,
+        resume: bool = True,
     ) -> None:
         _check_alpha_optimizer(optimizer)
         if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
@@ -254,15 +436,17 @@ class AdaptiveAlpha(AlphaScheduler):
                 f"Invalid total_epochs: {total_epochs!r}; pass the number of training epochs T, "
                 "an int >= 1"
             )
-        if not delta >= 1.0:
+        if not _finite_real(delta) or not delta >= 1.0:
             raise ValueError(
-                f"Invalid delta: {delta}; delta must be >= 1 (α grows by ·δ and decays by /δ; "
-                "delta=1 keeps α constant as in spred)"
+                f"Invalid delta: {delta!r}; delta must be a finite number >= 1 (α grows by ·δ "
+                "and decays by /δ; the paper uses 1.01, and delta=1 keeps α constant as in spred)"
             )
-        if not l1_threshold >= 0.0:
+        if not _finite_real(l1_threshold) or not l1_threshold >= 0.0:
             raise ValueError(
-                f"Invalid l1_threshold: {l1_threshold}; K must be >= 0 (0 disables the L1 check)"
+                f"Invalid l1_threshold: {l1_threshold!r}; K must be a finite number >= 0 "
+                "(0 disables the L1 check)"
             )
+        _check_alpha0_positive(optimizer)
         if not callable(getattr(optimizer, "l1_norm", None)):
             raise TypeError(
                 f"AdaptiveAlpha reads optimizer.l1_norm(), which {type(optimizer).__name__} "
@@ -274,7 +458,7 @@ class AdaptiveAlpha(AlphaScheduler):
         self.previous_acc = 0.0
         self.last_l1: Union[float, None] = None
         self._multiplier = 1.0  # set by step() for the duration of one _advance()
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, resume=resume)
 
     def _compute_alphas(self) -> list[float]:
         return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
@@ -297,6 +481,7 @@ class AdaptiveAlpha(AlphaScheduler):
             self._multiplier = 1.0
         self.previous_acc = acc
         self.last_l1 = l1
+        self._publish()
 
     @staticmethod
     def _to_float(train_acc: Union[float, Tensor]) -> float:

@@ -1,4 +1,5 @@
-"""Tests for pilot_kernels.schedules: the α schedules of spec §5."""
+"""Tests for pilot_kernels.schedules: the α schedules (paper appendix C.1, Algorithm 1) and
+how they travel with the optimizer's state_dict."""
 import math
 
 import pytest
@@ -23,8 +24,8 @@ def make_optimizer(alphas=ALPHA0, seed=0):
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = PILoT(
         [
-            {"params": model[0].parameters(), "alpha": alphas[0]},
-            {"params": model[2].parameters(), "alpha": alphas[1]},
+            {"params": list(model[0].parameters()), "alpha": alphas[0]},
+            {"params": list(model[2].parameters()), "alpha": alphas[1]},
         ],
         lr=0.05,
         momentum=0.9,
@@ -158,18 +159,42 @@ def test_geometric_rejects_bad_p(p):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(total_epochs=10, delta=0.99), "delta must be >= 1"),
-        (dict(total_epochs=10, delta=float("nan")), "delta must be >= 1"),
+        (dict(total_epochs=10, delta=0.99), "delta must be a finite number >= 1"),
+        (dict(total_epochs=10, delta=float("nan")), "delta must be a finite number >= 1"),
+        (dict(total_epochs=10, delta=float("inf")), "delta must be a finite number >= 1"),
+        (dict(total_epochs=10, delta="1.01"), "delta must be a finite number >= 1"),
+        (dict(total_epochs=10, delta=True), "delta must be a finite number >= 1"),
         (dict(total_epochs=0), "total_epochs"),
         (dict(total_epochs=2.5), "total_epochs"),
-        (dict(total_epochs=10, l1_threshold=-1.0), "K must be >= 0"),
+        (dict(total_epochs=10, l1_threshold=-1.0), "K must be a finite number >= 0"),
+        (dict(total_epochs=10, l1_threshold=float("inf")), "K must be a finite number >= 0"),
+        (dict(total_epochs=10, l1_threshold=float("nan")), "K must be a finite number >= 0"),
     ],
 )
 def test_adaptive_rejects_bad_hyperparameters(kwargs, match):
     _, opt = make_optimizer()
+    before = opt.state_dict()
     with pytest.raises(ValueError, match=match):
         AdaptiveAlpha(opt, **kwargs)
     assert group_alphas(opt) == list(ALPHA0)
+    assert "initial_alpha" not in opt.param_groups[0]
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_adaptive_refuses_alpha0_zero_which_can_never_grow():
+    _, opt = make_optimizer(alphas=(0.0, 0.0))
+    with pytest.raises(ValueError, match="alpha > 0"):
+        AdaptiveAlpha(opt, total_epochs=10)
+    assert "initial_alpha" not in opt.param_groups[0]
+    # One group at 0 beside a positive one keeps its ratio (0) and is allowed.
+    _, opt = make_optimizer(alphas=(0.0, 1e-3))
+    AdaptiveAlpha(opt, total_epochs=10)
+    # Only groups with reparameterized tensors count: a plain-SGD group's α is never used.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = PILoT([{"params": [model.weight], "alpha": 0.0}, {"params": [model.bias], "alpha": 1.0}], lr=0.1)
+    with pytest.raises(ValueError, match="can never grow"):
+        AdaptiveAlpha(opt, total_epochs=10)
 
 
 class FakeL1:
@@ -361,3 +386,202 @@ def test_schedule_drives_the_optimizer_step():
     opt.step()
     torch.testing.assert_close(opt.state[model.weight]["m"], m0 * (1 - 0.1 * 2 * 0.25))
     torch.testing.assert_close(opt.state[model.weight]["w"], w0 * (1 - 0.1 * 2 * 0.25))
+
+
+# ---------------------------------------------------------------------------------------
+# The schedule travels with the optimizer's state_dict.
+
+SCHEDULES = {
+    "harmonic": (lambda opt, **kw: HarmonicAlpha(opt, **kw), lambda s, acc: s.step()),
+    "geometric": (lambda opt, **kw: GeometricAlpha(opt, p=0.7, **kw), lambda s, acc: s.step()),
+    "adaptive": (
+        lambda opt, **kw: AdaptiveAlpha(opt, total_epochs=6, delta=1.5, l1_threshold=1.0, **kw),
+        lambda s, acc: s.step(acc),
+    ),
+}
+ACCS = [0.2, 0.5, 0.4, 0.6, 0.7, 0.65, 0.9]
+
+
+def train_epochs(model, opt, sched, step_sched, epochs, seed):
+    """A few real PILoT steps per epoch, then the schedule's epoch step."""
+    g = torch.Generator().manual_seed(seed)
+    for epoch in epochs:
+        for _ in range(2):
+            x = torch.randn(4, 6, generator=g)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        step_sched(sched, ACCS[epoch])
+
+
+def snapshot(model, opt, sched):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [g["alpha"] for g in opt.param_groups],
+        {k: v for k, v in sched.state_dict().items()},
+    )
+
+
+def assert_same_run(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert a[1] == b[1] and a[2] == b[2]
+
+
+@pytest.mark.parametrize("built", ["before_load", "after_load"])
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_resume_from_the_optimizer_state_dict_alone_is_exact(name, built):
+    """Only opt.state_dict() is saved (through torch.save); α, the scheduler's counters
+    and the parameters continue exactly, whether the new scheduler is built before the
+    load or after it (as a framework callback does)."""
+    import io
+
+    make, step = SCHEDULES[name]
+    model, opt = make_optimizer()
+    sched = make(opt)
+    train_epochs(model, opt, sched, step, range(3), seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train_epochs(model, opt, sched, step, range(3, 7), seed=2)
+    expected = snapshot(model, opt, sched)
+    assert sched.last_epoch == 7
+
+    model2, opt2 = make_optimizer(alphas=(3.0, 4.0), seed=5)  # another α0 and init
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # plain data only: loads with weights_only
+    if built == "before_load":
+        sched2 = make(opt2)
+        model2.load_state_dict(ckpt["model"])
+        opt2.load_state_dict(ckpt["opt"])
+    else:
+        model2.load_state_dict(ckpt["model"])
+        opt2.load_state_dict(ckpt["opt"])
+        sched2 = make(opt2)
+    assert sched2.last_epoch == 3 and group_alphas(opt2) == sched2.get_last_alpha()
+    train_epochs(model2, opt2, sched2, step, range(3, 7), seed=2)
+    assert_same_run(snapshot(model2, opt2, sched2), expected)
+
+
+def test_saved_progress_is_a_snapshot_and_sits_in_every_group():
+    _, opt = make_optimizer()
+    sched = HarmonicAlpha(opt)
+    sd = opt.state_dict()
+    sched.step()
+    sched.step()
+    entries = [g["alpha_schedulers"] for g in sd["param_groups"]]
+    assert entries[0] == entries[1] and len(entries[0]) == 1
+    assert entries[0][0]["type"] == "HarmonicAlpha" and entries[0][0]["state"]["last_epoch"] == 0
+    assert opt.state_dict()["param_groups"][0]["alpha_schedulers"][0]["state"]["last_epoch"] == 2
+    # Attributes written by hand are saved too (the state_dict pre-hook re-reads them).
+    sched.last_epoch = 11
+    assert opt.state_dict()["param_groups"][1]["alpha_schedulers"][0]["state"]["last_epoch"] == 11
+
+
+def test_settings_come_from_the_constructor_progress_from_the_checkpoint():
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1([50.0] * 3)
+    sched = AdaptiveAlpha(opt, total_epochs=12, delta=1.05, l1_threshold=10.0)
+    for acc in (0.1, 0.3):
+        sched.step(acc)
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(opt.state_dict())
+    sched2 = AdaptiveAlpha(opt2, total_epochs=20, delta=1.2)  # a longer run, another δ
+    assert (sched2.total_epochs, sched2.delta, sched2.l1_threshold) == (20, 1.2, 0.0)
+    assert (sched2.last_epoch, sched2.previous_acc, sched2.last_l1) == (2, 0.3, 50.0)
+    assert sched2.base_alphas == list(ALPHA0) and group_alphas(opt2) == group_alphas(opt)
+
+
+def test_several_schedulers_are_restored_in_the_order_they_were_built():
+    _, opt = make_optimizer()
+    first, second = HarmonicAlpha(opt), GeometricAlpha(opt, p=0.5)
+    first.step()
+    for _ in range(3):
+        second.step()
+    sd = opt.state_dict()
+    assert [e["type"] for e in sd["param_groups"][0]["alpha_schedulers"]] == ["HarmonicAlpha", "GeometricAlpha"]
+
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(sd)
+    a, b = HarmonicAlpha(opt2), GeometricAlpha(opt2, p=0.5)
+    assert (a.last_epoch, b.last_epoch) == (1, 3)
+    assert a.get_last_alpha() == first.get_last_alpha() and b.get_last_alpha() == second.get_last_alpha()
+
+    # Built in another order: a saved schedule of another class is not applied.
+    _, opt3 = make_optimizer()
+    opt3.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="HarmonicAlpha"):
+        g = GeometricAlpha(opt3, p=0.5)
+    assert g.last_epoch == 0 and group_alphas(opt3) == list(ALPHA0)
+
+
+def test_restart_with_resume_false_and_dropped_schedulers_are_not_saved():
+    _, opt = make_optimizer()
+    sched = HarmonicAlpha(opt)
+    for _ in range(4):
+        sched.step()
+    sd = opt.state_dict()
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(sd)
+    fresh = HarmonicAlpha(opt2, resume=False)
+    assert fresh.last_epoch == 0 and group_alphas(opt2) == list(ALPHA0)
+    with pytest.raises(TypeError, match="resume"):
+        HarmonicAlpha(opt2, resume=1)
+    del fresh  # a scheduler nobody holds drives nothing and is not saved
+    assert "alpha_schedulers" not in opt2.state_dict()["param_groups"][0]
+
+
+def test_loading_and_saving_without_a_scheduler_keeps_the_schedule():
+    _, opt = make_optimizer()
+    sched = GeometricAlpha(opt, p=0.5)
+    sched.step()
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(opt.state_dict())  # e.g. a conversion script: no scheduler built
+    _, opt3 = make_optimizer()
+    opt3.load_state_dict(opt2.state_dict())
+    assert GeometricAlpha(opt3, p=0.5).last_epoch == 1
+
+
+def test_deepcopy_of_optimizer_and_of_scheduler():
+    import copy
+
+    _, opt = make_optimizer()
+    sched = HarmonicAlpha(opt)
+    sched.step()
+    opt_copy = copy.deepcopy(opt)  # carries the schedule: a scheduler built on it continues
+    assert HarmonicAlpha(opt_copy).last_epoch == 1
+
+    sched_copy = copy.deepcopy(sched)  # drives (and is saved with) its own optimizer copy
+    assert sched_copy.optimizer is not opt
+    sched_copy.step()
+    assert sched.last_epoch == 1 and close(group_alphas(opt), [a / 2 for a in ALPHA0])
+    assert close(group_alphas(sched_copy.optimizer), [a / 3 for a in ALPHA0])
+    saved = sched_copy.optimizer.state_dict()["param_groups"][0]["alpha_schedulers"]
+    assert [e["state"]["last_epoch"] for e in saved] == [2]
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_torch_distributed_checkpoint_round_trip(tmp_path, flatten):
+    """get/set_optimizer_state_dict + dcp.save/load (single process): the schedule comes
+    back with the optimizer, in both of DCP's optimizer layouts."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model, opt = make_optimizer()
+    opt.l1_norm = FakeL1([50.0] * 2)
+    sched = AdaptiveAlpha(opt, total_epochs=10, delta=1.5)
+    sched.step(0.4)
+    sched.step(0.2)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=options)}, checkpoint_id=str(tmp_path))
+
+    model2, opt2 = make_optimizer(alphas=(2.0, 3.0), seed=3)
+    sched2 = AdaptiveAlpha(opt2, total_epochs=10, delta=1.5)  # before the template: DCP loads what it asks for
+    sd = {"optim": get_optimizer_state_dict(model2, opt2, options=options)}
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model2, opt2, sd["optim"], options=options)
+    assert sched2.state_dict() == sched.state_dict()
+    assert group_alphas(opt2) == group_alphas(opt)
