@@ -1,43 +1,56 @@
-"""The fused Triton kernel against the reference backend.
+"""The fused Triton kernel against the reference backend, bit for bit.
 
 Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets
-TRITON_INTERPRET=1), where it must agree bit for bit; on a GPU the compiler may fuse
-multiply-adds, so there the comparison allows a few ulps.
+TRITON_INTERPRET=1); on a GPU it is launched with FP contraction off and IEEE division,
+so there too every value must equal the reference's exactly (only the L1 sum, a
+reduction in another order, is compared with a tolerance).
 """
 import pytest
 import torch
 
 from pilot_kernels import PILoT
-from pilot_kernels.kernels import fused_triton
+from pilot_kernels.init import split
+from pilot_kernels.kernels import fused_triton, reference
 from conftest import KERNEL_DEVICES
 from helpers import OPTION_GRID, assert_same_state, option_id
 
 BLOCK = fused_triton.BLOCK_SIZE
 STEPS = 7
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MOMENTUM = dict(momentum=0.9, nesterov=False, dampening=0.0, weight_decay=1e-3, maximize=False, alpha=1e-2)
 
 
-def _tolerances(device, dtype):
-    if device == "cpu":
-        return dict(exact=True)
-    return dict(exact=False, rtol={torch.float32: 1e-5}.get(dtype, 1e-2), atol=1e-5)
-
-
-def _run_pair(shapes, dtype, device, opts, *, steps=STEPS, grad_scale=None, lr=0.05, beta=1.0):
+def _run_pair(shapes, dtype, device, opts, *, steps=STEPS, lr=0.05, beta=1.0, grad_dtype=None):
     """Train the same tensors with the reference and the triton backend; return both."""
     torch.manual_seed(0)
     init = [torch.randn(s, device=device).to(dtype) for s in shapes]
     runs = []
     for backend in ("reference", "triton"):
         params = [x.clone().requires_grad_() for x in init]
+        if grad_dtype is not None:
+            for p in params:
+                p.grad_dtype = grad_dtype
         opt = PILoT(params, lr=lr, beta=beta, reparam=True, backend=backend, **opts)
         g = torch.Generator(device=device).manual_seed(1)
         for _ in range(steps):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=g, device=device).to(dtype)
+                p.grad = torch.randn(p.shape, generator=g, device=device).to(grad_dtype or dtype)
             opt.step()
         runs.append((opt, params))
     return runs
+
+
+def _record_launches(monkeypatch):
+    """Patch the launcher to record, per call, each launch's (rows, aligned)."""
+    calls = []
+    real = fused_triton._launch
+
+    def launch(plan, *args, **kwargs):
+        calls.append([(l.n_rows, l.aligned) for l in plan.launches])
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(fused_triton, "_launch", launch)
+    return calls
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -45,16 +58,15 @@ def _run_pair(shapes, dtype, device, opts, *, steps=STEPS, grad_scale=None, lr=0
 def test_options_fp32(device, opts):
     shapes = [(3, 5), (BLOCK + 1,), (7,)]
     (ref, pr), (tri, pt) = _run_pair(shapes, torch.float32, device, opts)
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, torch.float32))
+    assert_same_state(ref, pr, tri, pt, exact=True)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("numel", [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 100_003])
 def test_awkward_sizes(device, dtype, numel):
-    opts = dict(momentum=0.9, nesterov=False, dampening=0.0, weight_decay=1e-3, maximize=False, alpha=1e-2)
-    (ref, pr), (tri, pt) = _run_pair([(numel,)], dtype, device, opts, steps=3)
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, dtype))
+    (ref, pr), (tri, pt) = _run_pair([(numel,)], dtype, device, MOMENTUM, steps=3)
+    assert_same_state(ref, pr, tri, pt, exact=True)
     torch.testing.assert_close(tri.l1_norm(), ref.l1_norm(), rtol=1e-5, atol=1e-5)
 
 
@@ -62,14 +74,12 @@ def test_awkward_sizes(device, dtype, numel):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_small_tensors_one_launch(device, dtype, monkeypatch):
     """Sixty tensors of odd sizes share one launch, and still match the reference."""
-    launches = []
-    real = fused_triton._launch
-    monkeypatch.setattr(fused_triton, "_launch", lambda plan, *a, **k: (launches.append(len(plan.fused)), real(plan, *a, **k)))
+    calls = _record_launches(monkeypatch)
     shapes = [(1 + 37 * i % 301, 1 + i % 3) for i in range(60)]
     opts = dict(momentum=0.9, nesterov=True, dampening=0.0, weight_decay=0.0, maximize=False, alpha=3e-2)
     (ref, pr), (tri, pt) = _run_pair(shapes, dtype, device, opts, steps=STEPS)
-    assert launches == [60] * STEPS
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, dtype))
+    assert calls == [[(60, True)]] * STEPS
+    assert_same_state(ref, pr, tri, pt, exact=True)
     torch.testing.assert_close(tri.l1_norm(), ref.l1_norm(), rtol=1e-5, atol=1e-4)
     expected = sum((tri.state[p]["m"] * tri.state[p]["w"]).abs().sum() for p in pt)
     torch.testing.assert_close(tri.l1_norm(), expected, rtol=1e-5, atol=1e-4)
@@ -80,12 +90,11 @@ def test_many_small_tensors_one_launch(device, dtype, monkeypatch):
 def test_amp_grad_scale_and_found_inf(device, dtype):
     """grad_scale divides inside the kernel; found_inf leaves everything unchanged."""
     shapes = [(33, 3), (BLOCK + 1,)]
-    opts = dict(momentum=0.9, nesterov=False, dampening=0.0, weight_decay=1e-3, maximize=False, alpha=1e-2)
     runs = []
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         params = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in shapes]
-        opt = PILoT(params, lr=0.05, reparam=True, backend=backend, **opts)
+        opt = PILoT(params, lr=0.05, reparam=True, backend=backend, **MOMENTUM)
         for step in range(4):
             opt.grad_scale = torch.tensor(1024.0, device=device)
             opt.found_inf = torch.tensor(1.0 if step == 2 else 0.0, device=device)
@@ -103,20 +112,19 @@ def test_amp_grad_scale_and_found_inf(device, dtype):
                 torch.testing.assert_close(opt.l1_norm(), l1_before, rtol=1e-6, atol=1e-4)
         runs.append((opt, params))
     (ref, pr), (tri, pt) = runs
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, dtype))
+    assert_same_state(ref, pr, tri, pt, exact=True)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_channels_last_and_non_contiguous_layouts(device):
     """channels_last weights go through the kernel; a state tensor with a different
     layout from its parameter falls back to the reference and stays correct."""
-    opts = dict(momentum=0.9, alpha=1e-2)
     runs = []
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         x = torch.randn(4, 3, 5, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
         y = torch.randn(6, 5, device=device).requires_grad_()
-        opt = PILoT([x, y], lr=0.05, backend=backend, **opts)
+        opt = PILoT([x, y], lr=0.05, backend=backend, momentum=0.9, alpha=1e-2)
         opt.state[y]["m"] = opt.state[y]["m"].t().contiguous().t()  # same values, other strides
         opt.state[y]["w"] = opt.state[y]["w"].t().contiguous().t()
         g = torch.Generator(device=device).manual_seed(3)
@@ -126,20 +134,74 @@ def test_channels_last_and_non_contiguous_layouts(device):
             opt.step()
         runs.append((opt, [x, y]))
     (ref, pr), (tri, pt) = runs
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, torch.float32))
+    assert_same_state(ref, pr, tri, pt, exact=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_resnet50_shapes(dtype):
-    """ResNet-50's 161 tensors on the GPU, fused against the reference."""
-    import torchvision
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unaligned_views_take_the_unvectorized_launch(device, dtype, monkeypatch):
+    """Parameters, gradients and state viewed at an odd storage offset (not 16-byte
+    aligned) go to a second launch without alignment hints; aligned tensors of the same
+    call keep the vectorized one; both match the reference exactly."""
+    calls = _record_launches(monkeypatch)
+    sizes = [BLOCK + 3, 5, 2 * BLOCK]
 
-    model = torchvision.models.resnet50()
-    shapes = [tuple(p.shape) for p in model.parameters()]
-    opts = dict(momentum=0.875, nesterov=False, dampening=0.0, weight_decay=1.5e-5, maximize=False, alpha=7e-6)
-    (ref, pr), (tri, pt) = _run_pair(shapes, dtype, "cuda", opts, steps=3)
-    assert_same_state(ref, pr, tri, pt, **_tolerances("cuda", dtype))
+    def offset_view(t):  # same values, storage offset 1 element
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        buf[1:].copy_(t.reshape(-1))
+        return buf[1:].view(t.shape)
+
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        params = [offset_view(torch.randn(n, device=device).to(dtype)).requires_grad_() if i != 1
+                  else torch.randn(n, device=device).to(dtype).requires_grad_() for i, n in enumerate(sizes)]
+        opt = PILoT(params, lr=0.05, reparam=True, backend=backend, **MOMENTUM)
+        g = torch.Generator(device=device).manual_seed(5)
+        for step in range(3):
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, device=device).to(dtype)
+                p.grad = offset_view(grad) if i == 2 else grad
+            opt.step()
+            if step == 0:  # an unaligned state tensor too
+                opt.state[params[0]]["momentum_w"] = offset_view(opt.state[params[0]]["momentum_w"])
+        runs.append((opt, params))
+    assert all(p.data_ptr() % 16 for p in runs[1][1][::2])
+    assert calls and all(sorted(c) == [(1, True), (2, False)] for c in calls), calls
+    (ref, pr), (tri, pt) = runs
+    assert_same_state(ref, pr, tri, pt, exact=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_gradients_of_16_bit_parameters(device, dtype):
+    """torch's ``grad_dtype``: an fp32 gradient on a bf16/fp16 parameter is read as fp32."""
+    shapes = [(BLOCK + 1,), (7, 3)]
+    (ref, pr), (tri, pt) = _run_pair(shapes, dtype, device, MOMENTUM, steps=3, grad_dtype=torch.float32)
+    assert pt[0].grad.dtype == torch.float32
+    assert_same_state(ref, pr, tri, pt, exact=True)
+
+
+# ---------------------------------------------------------------- the launch plan
+def _factors(shapes, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    xs, ms, ws = [], [], []
+    for s in shapes:
+        m, w = split(torch.randn(s, generator=gen, device=device), 1.0)
+        xs.append((m * w).to(dtype))
+        ms.append(m)
+        ws.append(w)
+    return xs, ms, ws
+
+
+def _step(fn, xs, grads, ms, ws, bms, bws, firsts, momentum=0.0, **kw):
+    fn(xs, grads, ms, ws, bms, bws, firsts, lr=0.1, momentum=momentum, dampening=0.0,
+       nesterov=False, alpha=1e-2, weight_decay=0.0, maximize=False, **kw)
+
+
+def _assert_equal(a, b):
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and torch.equal(u, v), (i, (u.float() - v.float()).abs().max())
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -155,7 +217,7 @@ def test_launch_plan_is_reused_while_nothing_moves(device, monkeypatch):
         params = [torch.randn(s, device=device).requires_grad_() for s in [(5, 3), (BLOCK + 3,)]]
         for p in params:
             p.grad = torch.zeros_like(p)
-        opt = PILoT(params, lr=0.05, alpha=1e-2, reparam=True, backend=backend)
+        opt = PILoT(params, lr=0.05, alpha=1e-2, momentum=0.9, reparam=True, backend=backend)
         g = torch.Generator(device=device).manual_seed(1)
         for _ in range(5):
             for p in params:
@@ -164,4 +226,147 @@ def test_launch_plan_is_reused_while_nothing_moves(device, monkeypatch):
         runs.append((opt, params))
     assert len(built) == 2  # first step (firsts=True), then one plan for every later step
     (ref, pr), (tri, pt) = runs
-    assert_same_state(ref, pr, tri, pt, **_tolerances(device, torch.float32))
+    assert_same_state(ref, pr, tri, pt, exact=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_momentum_switched_on_with_gradients_in_place(device):
+    """The plan is keyed on momentum on/off: switching it on later reads real buffers
+    (a stale plan would dereference the null buffer pointers of the momentum-free one)."""
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device=device).requires_grad_() for s in [(BLOCK + 5,), (3, 7)]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = PILoT(params, lr=0.05, alpha=1e-2, momentum=0.0, reparam=True, backend=backend)
+        g = torch.Generator(device=device).manual_seed(2)
+        for step in range(4):
+            if step == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            for p in params:
+                p.grad.copy_(torch.randn(p.shape, generator=g, device=device))
+            opt.step()
+        runs.append((opt, params))
+    (ref, pr), (tri, pt) = runs
+    assert_same_state(ref, pr, tri, pt, exact=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_plan_follows_gradient_strides_and_dtype_at_the_same_address(device):
+    """A gradient at the address of the previous step's but with other strides, or
+    another dtype, gets a new plan: the kernel never walks it with stale facts."""
+    xs, ms, ws = _factors([(40, 60)], torch.bfloat16, device)
+    ref = [t.clone() for t in xs], [t.clone() for t in ms], [t.clone() for t in ws]
+    buf = torch.empty(2400, device=device)
+    half = buf.view(torch.bfloat16)[:2400]
+    steps = [
+        (lambda: half.copy_(torch.randn(2400, device=device)), lambda: half.view(40, 60), []),
+        (lambda: half.copy_(torch.randn(2400, device=device)), lambda: half.view(60, 40).t(), [0]),
+        (lambda: buf.copy_(torch.randn(2400, device=device)), lambda: buf.view(40, 60), []),
+    ]
+    workspace: dict = {}
+    for fill, view, slow in steps:
+        fill()
+        g = view()
+        assert g.data_ptr() == buf.data_ptr()
+        _step(fused_triton.pilot_step, xs, [g], ms, ws, None, None, [True], workspace=workspace)
+        _step(reference.pilot_step, ref[0], [g], ref[1], ref[2], None, None, [True])
+        assert workspace["plan"].slow == slow  # a transposed gradient is not walked
+        for a, b in zip((xs, ms, ws), ref):
+            _assert_equal(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_plan_follows_a_shape_change_at_the_same_address(device):
+    """``x.data = x.data[:k]``-style swaps keep the address but shrink the tensor: the
+    plan must not write past the new end."""
+    n, k = BLOCK + 9, 300
+    xs, ms, ws = _factors([(n,)], torch.float32, device)
+    g = torch.randn(n, device=device)
+    workspace: dict = {}
+    _step(fused_triton.pilot_step, xs, [g], ms, ws, None, None, [True], workspace=workspace)
+    tails = [t[k:].clone() for t in xs + ms + ws]
+    small = [[t[:k] for t in seq] for seq in (xs, ms, ws)]
+    ref = [[t.clone() for t in seq] for seq in small]
+    _step(fused_triton.pilot_step, small[0], [g[:k]], small[1], small[2], None, None, [True], workspace=workspace)
+    _step(reference.pilot_step, ref[0], [g[:k]], ref[1], ref[2], None, None, [True])
+    for a, b in zip(small, ref):
+        _assert_equal(a, b)
+    _assert_equal([t[k:] for t in xs + ms + ws], tails)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_plan_follows_replaced_state_tensors(device):
+    """The optimizer may replace m, w or a momentum buffer (a user wrote the parameter):
+    the plan is keyed on their addresses, so the new tensors are the ones updated."""
+    xs, ms, ws = _factors([(BLOCK + 1,), (9,)], torch.float32, device)
+    bms = [torch.zeros_like(m) for m in ms]
+    bws = [torch.zeros_like(m) for m in ms]
+    grads = [torch.randn_like(m) for m in ms]
+    workspace: dict = {}
+    run = lambda fn, *state, **kw: _step(fn, state[0], grads, *state[1:], [False] * 2, momentum=0.9, **kw)
+    run(fused_triton.pilot_step, xs, ms, ws, bms, bws, workspace=workspace)
+    old = [t.clone() for t in ms + bws]
+    ms2, bws2 = [m.clone() for m in ms], [b.clone() for b in bws]   # replaced, same values
+    ref = [[t.clone() for t in seq] for seq in (xs, ms2, ws, bms, bws2)]
+    run(fused_triton.pilot_step, xs, ms2, ws, bms, bws2, workspace=workspace)
+    run(reference.pilot_step, *ref)
+    for a, b in zip((xs, ms2, ws, bms, bws2), ref):
+        _assert_equal(a, b)
+    _assert_equal(ms + bws, old)  # the replaced tensors were not written
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_bad_gradient_dtype_is_refused_before_any_write(device):
+    xs, ms, ws = _factors([(5,)], torch.float32, device)
+    before = [t.clone() for t in xs + ms + ws]
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 gradients"):
+        _step(fused_triton.pilot_step, xs, [torch.ones(5, dtype=torch.float64, device=device)], ms, ws,
+              None, None, [True], workspace={})
+    _assert_equal(xs + ms + ws, before)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_one_l1_slot_for_accumulate_and_clear(device):
+    """l1_accum and l1_clear the same tensor: cleared first, then the sum added."""
+    xs, ms, ws = _factors([(BLOCK + 1,), (3,)], torch.float32, device)
+    l1 = torch.full((), 123.0, device=device)
+    _step(fused_triton.pilot_step, xs, [torch.randn_like(m) for m in ms], ms, ws, None, None, [True] * 2,
+          l1_accum=l1, l1_clear=l1)
+    torch.testing.assert_close(l1, sum((m * w).abs().sum() for m, w in zip(ms, ws)), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_resnet50_shapes(dtype):
+    """ResNet-50's 161 tensors on the GPU, fused against the reference, bit for bit."""
+    import torchvision
+
+    model = torchvision.models.resnet50()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    opts = dict(momentum=0.875, nesterov=False, dampening=0.0, weight_decay=1.5e-5, maximize=False, alpha=7e-6)
+    (ref, pr), (tri, pt) = _run_pair(shapes, dtype, "cuda", opts, steps=3)
+    assert_same_state(ref, pr, tri, pt, exact=True)
+
+
+@pytest.mark.gpu
+def test_gpu_capturable_lr_alpha_and_amp_exact():
+    """lr/alpha on the device and AMP's grad_scale division: IEEE on the GPU too."""
+    shapes = [(BLOCK * 3 + 1,), (64, 3, 3, 3)]
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
+        opt = PILoT(params, lr=torch.tensor(0.05, device="cuda"), reparam=True, backend=backend,
+                    capturable=True, **MOMENTUM)
+        for _ in range(3):
+            opt.grad_scale = torch.tensor(3.0, device="cuda")   # not a power of two: a real division
+            opt.found_inf = torch.tensor(0.0, device="cuda")
+            for p in params:
+                p.grad = torch.randn_like(p) * 3
+            opt.step()
+        runs.append((opt, params))
+    (ref, pr), (tri, pt) = runs
+    assert_same_state(ref, pr, tri, pt, exact=True)
