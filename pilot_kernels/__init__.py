@@ -1,6 +1,7 @@
 """pilot_kernels: PILoT (Mask in the Mirror, ICLR 2025) as a fused, drop-in PyTorch optimizer."""
 __version__ = "0.1.0"
 
+from .grouping import param_groups
 from .init import split, split_
 from .optimizer import PILoT, pilot
 from .schedules import (
@@ -24,6 +25,7 @@ from .sparsity import (
 __all__ = [
     "PILoT",
     "pilot",
+    "param_groups",
     "split",
     "split_",
     "AlphaScheduler",
