@@ -317,6 +317,31 @@ def test_plan_follows_replaced_state_tensors(device):
     _assert_equal(ms + bws, old)  # the replaced tensors were not written
 
 
+@pytest.mark.parametrize("torch_guards", [True, False], ids=["TensorGuards", "python"])
+def test_layout_guard_sees_shape_stride_and_dtype(torch_guards, monkeypatch):
+    if not torch_guards:
+        monkeypatch.setattr(fused_triton, "_TensorGuards", None)
+    a, b = torch.zeros(4, 6), torch.zeros(6, 4)
+    guard = fused_triton._LayoutGuard([a, b])
+    assert guard.check([a, b]) and guard.check([a.clone(), b.clone()])
+    assert not guard.check([a, b.t().contiguous().t()])      # strides
+    assert not guard.check([a, b.view(4, 6)])                # shape
+    assert not guard.check([a, b.view(torch.int32)])         # dtype
+    assert not guard.check([a])                              # length
+
+
+def test_a_copied_workspace_holds_no_plan():
+    import copy
+    import pickle
+
+    xs, ms, ws = _factors([(5,)], torch.float32, "cpu")
+    workspace: dict = {}
+    _step(fused_triton.pilot_step, xs, [torch.ones(5)], ms, ws, None, None, [True], workspace=workspace)
+    assert isinstance(workspace["plan"], fused_triton._Plan)
+    assert copy.deepcopy(workspace) == {"plan": None}
+    assert pickle.loads(pickle.dumps(workspace)) == {"plan": None}
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_gradient_dtype_is_refused_before_any_write(device):
     xs, ms, ws = _factors([(5,)], torch.float32, device)

@@ -280,43 +280,79 @@ class _Launch:
     host: Tensor             # its pinned source, alive while an async copy may read it
 
 
-@dataclass
-class _Plan:
-    """What one call needs besides the hyperparameters: the launches, and the tensors
-    the reference steps instead (layouts the kernel cannot walk).  Cached in the
-    optimizer's workspace and reused while :func:`_plan_key` is unchanged."""
+try:  # the C++ check torch.compile runs before reusing a graph
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every supported torch has it
+    _TensorGuards = None
 
-    key: tuple
-    launches: list[_Launch]
-    slow: list[int]
-    state: tuple              # the state tensors keyed by address, kept alive (see _plan_key)
+
+def _layout(tensors) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+class _LayoutGuard:
+    """Shapes, strides, dtypes and devices of a list of tensors, checked in one call:
+    with torch's ``TensorGuards`` (C++), ~3x cheaper than reading them in Python."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self._n = len(tensors)
+        if _TensorGuards is not None:
+            self._guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        else:
+            self._layout = _layout(tensors)
+
+    def check(self, tensors: Sequence[Tensor]) -> bool:
+        if len(tensors) != self._n:
+            return False
+        if _TensorGuards is not None:
+            return self._guard.check(*tensors)
+        return self._layout == _layout(tensors)
 
 
 _data_ptr = Tensor.data_ptr
-_stride = Tensor.stride
-_dtype = operator.attrgetter("dtype")
-_shape = operator.attrgetter("shape")
 
 
-def _plan_key(xs, grads, ms, ws, bms, bws, firsts) -> tuple:
-    """Everything the plan depends on: every pointer the kernel dereferences, the
-    shapes and strides of x and its gradient, the gradients' dtypes, momentum on/off
-    and the first-step flags.  A cache hit costs these ~10 attribute reads per tensor.
+@dataclass(eq=False)
+class _Plan:
+    """What one call needs besides the hyperparameters: the launches, and the tensors
+    the reference steps instead (layouts the kernel cannot walk).  Kept in the caller's
+    workspace and reused while :meth:`reusable` holds."""
 
-    The state tensors (``m``, ``w``, momentum) are keyed by address: the optimizer
-    makes them, and the plan checks their layout when it is built.  The plan holds
-    them, so a replacement can never reuse a keyed address."""
-    ptrs = tuple(map(_data_ptr, (*xs, *grads, *ms, *ws, *(bms or ()), *(bws or ()))))
-    return (
-        xs[0].dtype,
-        bms is not None,
-        ptrs,
-        tuple(map(_shape, xs)),
-        tuple(map(_stride, xs)),
-        tuple(map(_stride, grads)),
-        tuple(map(_dtype, grads)),
-        tuple(firsts),
-    )
+    launches: list[_Launch]
+    slow: list[int]
+    momentum: bool
+    firsts: list[bool]
+    xs: tuple                 # the tensors themselves (identity is part of the key)
+    state: tuple              # (ms, ws[, bms, bws]) likewise
+    ptrs: tuple               # data_ptr of every x and gradient
+    layout: _LayoutGuard      # shapes, strides, dtypes of every x and gradient
+
+    def reusable(self, xs, grads, ms, ws, bms, bws, firsts) -> bool:
+        """True when everything the kernel reads is where and what it was: the same
+        x and state tensors (the plan holds them, so a replaced one can never reuse
+        an address), every x and gradient at the same address with the same shape,
+        strides and dtype, momentum on/off and the first-step flags.  About 0.5 µs
+        per tensor on a cache hit (ResNet-50's 54 split tensors: see docs/kernels.md)."""
+        state = (ms, ws, bms, bws) if bms is not None else (ms, ws)
+        n = len(self.xs)
+        return (
+            self.momentum == (bms is not None)
+            and len(xs) == n and len(grads) == n
+            and all(len(s) == n for s in state)
+            and self.firsts == list(firsts)
+            and all(map(operator.is_, xs, self.xs))
+            and all(all(map(operator.is_, s, t)) for s, t in zip(state, self.state))
+            and self.ptrs == tuple(map(_data_ptr, (*xs, *grads)))
+            and self.layout.check((*xs, *grads))
+        )
+
+    def __reduce__(self):
+        # A copied or pickled workspace holds no plan: the next call builds one.
+        return (_no_plan, ())
+
+
+def _no_plan() -> None:
+    return None
 
 
 def _check_dtypes(dtype, xs, grads, ms, ws, bms, bws) -> None:
@@ -338,7 +374,7 @@ def _check_dtypes(dtype, xs, grads, ms, ws, bms, bws) -> None:
                                 f"float32 with the parameter's shape {tuple(xs[i].shape)}")
 
 
-def _make_plan(key, xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
+def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
     has_momentum = bms is not None
     streams = (xs, grads, ms, ws) + ((bms, bws) if has_momentum else ())
     groups: dict[tuple, list[int]] = {}
@@ -377,8 +413,8 @@ def _make_plan(key, xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
         host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         table = host.to(device, non_blocking=True)
         launches.append(_Launch(bases, aligned, len(rows), n_blocks, table, host))
-    state = tuple(tuple(s) for s in streams[2:])
-    return _Plan(key, launches, slow, state)
+    return _Plan(launches, slow, has_momentum, list(firsts), tuple(xs), tuple(tuple(s) for s in streams[2:]),
+                 tuple(map(_data_ptr, (*xs, *grads))), _LayoutGuard((*xs, *grads)))
 
 
 def _launch(plan: _Plan, xs, grads, ms, ws, bms, bws, *, lr, momentum, dampening, nesterov,
@@ -453,7 +489,7 @@ def pilot_step(
     storage the kernel cannot walk (see :mod:`pilot_kernels.kernels.layout`) take the
     reference path instead, so results never depend on memory layout.  With a
     ``workspace`` the launch plan (layout checks, kernel tables, grids) is kept and
-    reused while nothing it depends on changes (:func:`_plan_key`).
+    reused while nothing it depends on changes (:meth:`_Plan.reusable`).
     """
     if not xs:
         if l1_clear is not None:
@@ -464,11 +500,10 @@ def pilot_step(
         raise TypeError(f"the Triton backend takes float32, bfloat16 or float16 parameters, got {dtype}")
     if momentum == 0:
         momentum_ms = momentum_ws = None
-    key = _plan_key(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts)
     plan = workspace.get("plan") if workspace is not None else None
-    if plan is None or plan.key != key:
+    if plan is None or not plan.reusable(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts):
         _check_dtypes(dtype, xs, grads, ms, ws, momentum_ms, momentum_ws)
-        plan = _make_plan(key, xs, grads, ms, ws, momentum_ms, momentum_ws, firsts)
+        plan = _make_plan(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts)
         if workspace is not None:
             workspace["plan"] = plan
 
