@@ -5,6 +5,13 @@
 // current stream.  Nothing here reads a device value on the host: no synchronization,
 // and with a cached table nothing but the launch, so a step can be captured in a CUDA
 // graph.
+//
+// Tensors the kernel cannot walk are not refused: their indices are returned and
+// fused_cuda.py steps them with the reference backend, as the Triton backend does.  That
+// is the layout contract of pilot_kernels/kernels/layout.py (every tensor of an entry
+// dense, with x's shape and, on dimensions of size > 1, x's strides), plus a gradient
+// whose dtype differs from its parameter's (torch's grad_dtype), which this kernel does
+// not read.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -22,8 +29,6 @@
 namespace {
 
 using TensorList = std::vector<at::Tensor>;
-
-const char* kFix = " (pilot_kernels' cuda backend; backend='reference' accepts any layout)";
 
 std::string describe(const char* list, size_t i) {
   return std::string(list) + "[" + std::to_string(i) + "]";
@@ -54,9 +59,12 @@ bool same_layout(const at::Tensor& a, const at::Tensor& x) {
   return true;
 }
 
-void check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& x,
+// Raises for what no backend may accept (a missing tensor, another device, non-fp32
+// state, another shape); returns false where only this kernel cannot walk the tensor
+// (another layout, or a gradient dtype other than the parameter's).
+bool check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& x,
                   const std::string& x_name, bool fp32_state) {
-  TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor", kFix);
+  TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
   TORCH_CHECK(t.is_cuda(), name, " is on ", t.device(),
               "; the cuda backend needs CUDA tensors: move the model to the GPU or use "
               "backend='reference'");
@@ -67,19 +75,15 @@ void check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor
                 "; PILoT state (m, w, momentum buffers) must be float32: create it with "
                 "torch.float32 whatever the parameter dtype");
   } else {
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but ",
-                x_name, " has dtype ", x.scalar_type(),
-                "; the gradient must have the parameter's dtype (cast it with .to(param.dtype))");
+    const at::ScalarType g = t.scalar_type();
+    TORCH_CHECK(g == at::kFloat || g == at::kBFloat16 || g == at::kHalf, name, " has dtype ", g,
+                "; gradients must be float32, bfloat16 or float16 (cast it with .to())");
   }
   TORCH_CHECK(t.numel() == x.numel() && t.sizes() == x.sizes(), name, " has shape ", t.sizes(),
               " but ", x_name, " has shape ", x.sizes(), "; every tensor of an entry must have "
               "the parameter's shape");
-  TORCH_CHECK(t.is_non_overlapping_and_dense(), name,
-              " is not dense (a strided or overlapping view); pass a contiguous tensor "
-              "(.contiguous())", kFix);
-  TORCH_CHECK(same_layout(t, x), name, " has strides ", t.strides(), " but ", x_name,
-              " has strides ", x.strides(), "; use the same memory format for both "
-              "(e.g. .contiguous() for both, or torch.empty_like(param) for the state)");
+  if (!fp32_state && t.scalar_type() != x.scalar_type()) return false;
+  return same_layout(t, x);
 }
 
 // A 1-element fp32 tensor on `device`, read by the kernel (never on the host).
@@ -149,7 +153,9 @@ at::Tensor device_table_for(const std::vector<uint8_t>& rows, const at::Device& 
 // lr / alpha: a float, or (lr_tensor / alpha_tensor) a 1-element fp32 device tensor read
 // by the kernel.  workspace: None or a dict kept by the caller between calls; the device
 // table is cached in it and re-uploaded only when a pointer, size or flag changed.
-void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList& ms,
+// Returns the indices of the tensors left to the caller (see the top of this file); the
+// kernel has cleared l1_clear either way.
+std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, const TensorList& ms,
                 const TensorList& ws, const std::optional<TensorList>& momentum_ms,
                 const std::optional<TensorList>& momentum_ws, const std::vector<bool>& firsts,
                 double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
@@ -180,7 +186,7 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
 
   if (n == 0) {  // nothing to step; still honour l1_clear, as the reference does
     if (l1_clear.has_value() && l1_clear->defined()) l1_clear->zero_();
-    return;
+    return {};
   }
 
   const at::Tensor& x0 = xs[0];
@@ -203,8 +209,10 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  // Validate everything before anything is written.
+  // Validate everything before anything is written; sort out what the kernel takes.
   int64_t n_entries = 0;
+  std::vector<bool> fused(n, false);
+  std::vector<int64_t> slow;
   for (size_t i = 0; i < n; ++i) {
     const std::string xn = describe("xs", i);
     const at::Tensor& x = xs[i];
@@ -214,17 +222,22 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
                 "; call once per device (the optimizer groups tensors by device and dtype)");
     TORCH_CHECK(x.scalar_type() == dtype, xn, " has dtype ", x.scalar_type(), " but xs[0] has ",
                 dtype, "; call once per dtype (the optimizer groups tensors by device and dtype)");
-    TORCH_CHECK(x.is_non_overlapping_and_dense(), xn,
-                " is not dense (a strided or overlapping view); make the parameter contiguous "
-                "(.contiguous()) or use backend='reference'");
-    check_tensor(grads[i], describe("grads", i), x, xn, false);
-    check_tensor(ms[i], describe("ms", i), x, xn, true);
-    check_tensor(ws[i], describe("ws", i), x, xn, true);
+    // Every check runs (and may raise) before any tensor is written, walkable or not.
+    bool walkable = x.is_non_overlapping_and_dense();
+    walkable &= check_tensor(grads[i], describe("grads", i), x, xn, false);
+    walkable &= check_tensor(ms[i], describe("ms", i), x, xn, true);
+    walkable &= check_tensor(ws[i], describe("ws", i), x, xn, true);
     if (has_momentum) {
-      check_tensor((*momentum_ms)[i], describe("momentum_ms", i), x, xn, true);
-      check_tensor((*momentum_ws)[i], describe("momentum_ws", i), x, xn, true);
+      walkable &= check_tensor((*momentum_ms)[i], describe("momentum_ms", i), x, xn, true);
+      walkable &= check_tensor((*momentum_ws)[i], describe("momentum_ws", i), x, xn, true);
     }
-    if (x.numel() > 0) ++n_entries;
+    if (x.numel() == 0) continue;
+    if (walkable) {
+      fused[i] = true;
+      ++n_entries;
+    } else {
+      slow.push_back(static_cast<int64_t>(i));
+    }
   }
 
   // The table (pilot_step.h), built on the host every call: gradients may move between
@@ -238,8 +251,8 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
         rows.data() + pilot::table_entries_offset(n_entries));
     int64_t k = 0;
     for (size_t i = 0; i < n; ++i) {
+      if (!fused[i]) continue;
       const at::Tensor& x = xs[i];
-      if (x.numel() == 0) continue;
       pilot::PilotTensorEntry& e = entries[k];
       e.x = x.data_ptr();
       e.grad = grads[i].data_ptr();
@@ -264,6 +277,7 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
   // Autograd's view of the kernel's in-place writes (the reference's copy_ does the same);
   // raises, before anything is written, for an inference tensor outside InferenceMode.
   for (size_t i = 0; i < n; ++i) {
+    if (!fused[i]) continue;  // the reference's copy_ bumps the others
     torch::autograd::impl::bump_version(xs[i]);
     torch::autograd::impl::bump_version(ms[i]);
     torch::autograd::impl::bump_version(ws[i]);
@@ -297,6 +311,7 @@ void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList&
       hyper, grad_scale_ptr, found_inf_ptr, l1_accum_ptr, l1_clear_ptr,
       static_cast<int>(device.index()), stream);
   C10_CUDA_CHECK(err);
+  return slow;
 }
 
 }  // namespace
@@ -305,7 +320,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA C++ fused PILoT step (pilot_kernels.kernels.fused_cuda)";
   m.def("pilot_step", &pilot_step,
         "One fused PILoT step for the tensors of one (device, dtype) group; see "
-        "pilot_kernels.kernels.reference.pilot_step for the semantics.",
+        "pilot_kernels.kernels.reference.pilot_step for the semantics.  Returns the indices "
+        "of the tensors the kernel did not step (layout or gradient dtype): the caller steps "
+        "them with the reference.",
         py::arg("xs"), py::arg("grads"), py::arg("ms"), py::arg("ws"), py::arg("momentum_ms"),
         py::arg("momentum_ws"), py::arg("firsts"), py::arg("lr"), py::arg("lr_tensor"),
         py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("alpha"),

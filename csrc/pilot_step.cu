@@ -1,5 +1,6 @@
-// The fused PILoT step (spec §3) for every tensor of a (device, dtype) group in ONE
-// launch.  CUDA headers + our own headers only: no torch header, so this file compiles
+// The fused PILoT step (the update of paper §3 on both factors m and w, with
+// torch.optim.SGD's momentum) for every tensor of a (device, dtype) group in ONE launch.
+// CUDA headers + our own headers only: no torch header, so this file compiles
 // standalone with nvcc (tests/test_cuda_build.py does exactly that).
 //
 // Work mapping: tensor i is cut into chunks of kPilotChunk elements; the chunks of all
@@ -43,7 +44,7 @@ struct StepArgs {
   float* l1_clear;          // null: nothing to clear
 };
 
-// Spec §3 steps 1-6 for one element, in place on m, w, bm, bw.  Each operation is one
+// Steps (1)-(6) of reference.pilot_step for one element, in place on m, w, bm, bw.  Each operation is one
 // torch op of the reference (reference.py), rounded once, in the same order.
 template <bool kMomentum>
 __device__ __forceinline__ void update_element(float g, float& m, float& w, float& bm,

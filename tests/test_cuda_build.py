@@ -114,6 +114,51 @@ def test_toolchain_error_names_cuda_home(monkeypatch):
     assert "backend='reference'" in str(info.value)
 
 
+def test_entries_the_extension_leaves_are_stepped_by_the_reference(monkeypatch):
+    """fused_cuda's half of the layout contract, on CPU: the indices the extension
+    returns (it cannot walk them) are stepped by the reference in the same call, adding
+    to l1_accum, and the result equals the reference's for every tensor."""
+    from pilot_kernels.init import split
+    from pilot_kernels.kernels import fused_cuda, reference
+
+    class FakeExtension:
+        """Steps what the kernel would take with the reference; leaves index 1."""
+
+        def pilot_step(self, xs, grads, ms, ws, bms, bws, firsts, lr, lr_tensor, momentum,
+                       dampening, nesterov, alpha, alpha_tensor, weight_decay, maximize,
+                       grad_scale, found_inf, l1_accum, l1_clear, workspace):
+            keep = [0, 2]
+            pick = lambda seq: None if seq is None else [seq[i] for i in keep]
+            reference.pilot_step(pick(xs), pick(grads), pick(ms), pick(ws), pick(bms), pick(bws),
+                                 pick(firsts), lr=lr, momentum=momentum, dampening=dampening,
+                                 nesterov=nesterov, alpha=alpha, weight_decay=weight_decay,
+                                 maximize=maximize, l1_accum=l1_accum, l1_clear=l1_clear)
+            return [1]
+
+    monkeypatch.setattr(fused_cuda, "load_extension", lambda: FakeExtension())
+    gen = torch.Generator().manual_seed(0)
+    factors = [split(torch.randn(n, generator=gen)) for n in (5, 7, 3)]
+
+    def state():
+        ms, ws = [m.clone() for m, _ in factors], [w.clone() for _, w in factors]
+        return [(m * w) for m, w in zip(ms, ws)], ms, ws, [torch.zeros_like(m) for m in ms], \
+            [torch.zeros_like(m) for m in ms]
+
+    grads = [torch.randn(n, generator=gen) for n in (5, 7, 3)]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, alpha=1e-2, weight_decay=0.0,
+              maximize=False)
+    runs = []
+    for fn in (fused_cuda.pilot_step, reference.pilot_step):
+        xs, ms, ws, bms, bws = state()
+        l1 = torch.tensor([0.0, 7.0])
+        fn(xs, grads, ms, ws, bms, bws, [True] * 3, l1_accum=l1[0], l1_clear=l1[1], **kw)
+        runs.append((xs + ms + ws + bms + bws, l1))
+    (a, l1_a), (b, l1_b) = runs
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    torch.testing.assert_close(l1_a, l1_b)
+    assert l1_a[1] == 0.0
+
+
 # ---------------------------------------------------------------- compile csrc/
 def _cuda_include() -> Path:
     """The CUDA toolkit's include directory, as the nvcc on PATH sees it."""

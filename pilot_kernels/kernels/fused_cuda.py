@@ -12,6 +12,11 @@ state is fp32).  The extension is loaded on the first call:
 
 Importing this module never fails for lack of CUDA; calling :func:`pilot_step` without a
 CUDA build of torch or a CUDA toolkit raises a RuntimeError that names the fix.
+
+Tensors the kernel cannot walk (a layout outside :mod:`pilot_kernels.kernels.layout`'s
+contract, or a gradient whose dtype differs from its parameter's) are stepped by the
+reference backend in the same call, as the Triton backend does: results never depend on
+memory layout, only speed does.
 """
 from __future__ import annotations
 
@@ -23,13 +28,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import cuda_build
+from . import cuda_build, reference
 
-__all__ = ["pilot_step", "load_extension", "loaded_from"]
+__all__ = ["pilot_step", "load_extension"]
 
 _LOCK = threading.Lock()
 _EXT = None
-_LOADED_FROM: Optional[str] = None  # "aot" or "jit"
 
 
 def _import_aot():
@@ -50,22 +54,12 @@ def _import_aot():
 
 def load_extension():
     """The compiled module (ahead of time if installed, else built just in time)."""
-    global _EXT, _LOADED_FROM
+    global _EXT
     if _EXT is None:
         with _LOCK:
             if _EXT is None:
-                ext = _import_aot()
-                source = "aot"
-                if ext is None:
-                    ext = cuda_build.jit_load()
-                    source = "jit"
-                _EXT, _LOADED_FROM = ext, source
+                _EXT = _import_aot() or cuda_build.jit_load()
     return _EXT
-
-
-def loaded_from() -> Optional[str]:
-    """``"aot"``, ``"jit"``, or ``None`` before the first call."""
-    return _LOADED_FROM
 
 
 def _scalar_arg(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
@@ -102,19 +96,21 @@ def pilot_step(
 ) -> None:
     """One fused PILoT step; see :func:`pilot_kernels.kernels.reference.pilot_step`.
 
-    Every tensor of a call must be on one CUDA device; ``x`` and its gradient share one
-    dtype (float32, bfloat16 or float16) and ``m``, ``w`` and the momentum buffers are
-    float32, all with ``x``'s shape and memory layout.  The momentum lists are given
-    exactly when ``momentum != 0``.  ``grad_scale``/``found_inf``/``l1_*`` and a tensor
+    Every tensor of a call must be on one CUDA device; ``x`` is float32, bfloat16 or
+    float16 (one dtype per call), its gradient any of those, and ``m``, ``w`` and the
+    momentum buffers are float32, all with ``x``'s shape.  Entries the kernel cannot walk
+    (another layout than ``x``'s, or a gradient dtype other than ``x``'s) are stepped by
+    the reference in the same call.  The momentum lists are given exactly when
+    ``momentum != 0``.  ``grad_scale``/``found_inf``/``l1_*`` and a tensor
     ``lr``/``alpha`` are 1-element float32 tensors on that device, read and written only
     by the kernel.  ``workspace`` (a dict kept between calls) caches the kernel's table
     on the device, so an unchanged set of tensors costs no upload and the step can be
     captured in a CUDA graph after a warm-up step.
     """
     ext = load_extension()
-    lr, lr_tensor = _scalar_arg(lr)
-    alpha, alpha_tensor = _scalar_arg(alpha)
-    ext.pilot_step(
+    lr_value, lr_tensor = _scalar_arg(lr)
+    alpha_value, alpha_tensor = _scalar_arg(alpha)
+    slow = ext.pilot_step(
         list(xs),
         list(grads),
         list(ms),
@@ -122,12 +118,12 @@ def pilot_step(
         None if momentum_ms is None else list(momentum_ms),
         None if momentum_ws is None else list(momentum_ws),
         [bool(f) for f in firsts],
-        lr,
+        lr_value,
         lr_tensor,
         float(momentum),
         float(dampening),
         bool(nesterov),
-        alpha,
+        alpha_value,
         alpha_tensor,
         float(weight_decay),
         bool(maximize),
@@ -137,3 +133,15 @@ def pilot_step(
         l1_clear,
         workspace,
     )
+    if slow:
+        def pick(seq):
+            return None if seq is None else [seq[i] for i in slow]
+
+        # Same stream, after the kernel: the reference adds its part of Σ|m·w| to
+        # l1_accum; l1_clear has been cleared by the extension already.
+        reference.pilot_step(
+            pick(xs), pick(grads), pick(ms), pick(ws), pick(momentum_ms), pick(momentum_ws),
+            pick(firsts), lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            alpha=alpha, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+            found_inf=found_inf, l1_accum=l1_accum, l1_clear=None,
+        )
