@@ -1,19 +1,20 @@
-"""Atomic checkpoints and the RNG states that make a resumed run continue exactly.
+"""Atomic writes, checkpoints, and the RNG states that make a resumed run continue exactly.
 
-A checkpoint is written to a temporary file in the same directory, flushed and
-fsync'ed, then moved over the old one with ``os.replace`` (atomic on POSIX), and the
-directory is fsync'ed.  A crash or kill at any point leaves either the previous
-checkpoint or the new one, never a partial file under the checkpoint's name.
+Every file the trainer writes goes through :func:`atomic_write`: a temporary file in the
+same directory, flushed and fsync'ed, then moved over the old one with ``os.replace``
+(atomic on POSIX), and the directory fsync'ed.  A crash or kill at any point leaves
+either the previous file or the new one, never a partial file under the file's name.
 
-Everything stored is plain tensors, numbers, strings, lists and dicts, so checkpoints
-load with ``torch.load(..., weights_only=True)``.
+Everything stored in a checkpoint is plain tensors, numbers, strings, lists and dicts,
+so checkpoints load with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
-from typing import Any, Optional
+from typing import IO, Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,14 +22,17 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """``open(path, mode)`` for writing that never leaves a partial file at ``path``:
+    the file appears there complete when the block ends, or not at all if it raises."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,8 +54,20 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
 def load(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_meta(path: str) -> dict[str, Any]:
+    """The checkpoint with its tensors memory-mapped rather than read: cheap when only its
+    epoch, args or structure are needed."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional[str]:

@@ -2,9 +2,10 @@
 """Accuracy vs. sparsity of six sparsification methods on the embedded digits data.
 
 Every method trains the default ``digits_cnn`` (61 k parameters) on scikit-learn's
-handwritten digits with ``train.py`` (beside this script) (same data, schedule, epochs and seeds),
-then the weights are pruned one-shot by global magnitude to each sparsity, without
-fine-tuning, and evaluated on the 360 held-out images (spec §6):
+handwritten digits with ``train.py`` beside this script (same data, schedule, epochs and
+seeds), then the weights are pruned one-shot by global magnitude to each sparsity, without
+fine-tuning, and evaluated on the 360 held-out images (the paper's one-shot evaluation,
+appendix C.2):
 
 ==================  ==========================================================
 dense               SGD, no pruning (the reference accuracy)
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pilot_kernels.envinfo import environment
+from checkpoint import atomic_write
 from report import best_within, plot_sweeps, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +67,7 @@ def run_one(config: str, seed: int, epochs: int, workdir: Path) -> dict[str, Any
     flags, _ = CONFIGS[config]
     out = workdir / f"{config}-seed{seed}"
     cmd = [sys.executable, str(TRAIN), *flags, "--epochs", str(epochs), "--seed", str(seed), "--no-progress",
-           "--print-freq", "0", "--output-dir", str(out),
+           "--print-freq", "0", "--output-dir", str(out), "--overwrite",  # --keep-runs may hold an earlier run
            "--sweep-sparsities", ",".join(f"{s:g}" for s in SPARSITIES)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -216,7 +218,8 @@ def render(stem: Path) -> dict[str, Any]:
     env = data["environment"]
     env_line = data.get("env_line") or f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
     md = markdown(summary, args, wall, env_line, runs)
-    Path(str(stem) + ".md").write_text(md)
+    with atomic_write(str(stem) + ".md", "w") as f:
+        f.write(md)
     series = {ROW_NAMES[k]: v["rows"] for k, v in summary.items() if k != "dense"}
     bands = {ROW_NAMES[k]: ([r["min"] for r in v["rows"]], [r["max"] for r in v["rows"]])
              for k, v in summary.items() if k != "dense"}

@@ -13,6 +13,13 @@ from methods import add_l1_subgradient_
 from models import PARAM_DTYPES
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Steps between the checks for a non-finite loss: one host sync (and, with several
+# processes, one all-reduce of a flag) each; torchvision's reference syncs every step.
+NONFINITE_CHECK_EVERY = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the next checkpoint."""
 
 
 def autocast(device: torch.device, amp: Optional[str]):
@@ -57,6 +64,10 @@ def train_one_epoch(
 
     ``masks`` (:class:`~pruning.Masks`, iterative pruning of dense/l1) zeroes
     the pruned gradients before the step and the pruned weights after it.
+
+    Raises :class:`NonFiniteLossError` (on every rank alike) once the running loss sum
+    is NaN or infinite, checked every :data:`NONFINITE_CHECK_EVERY` steps and after the
+    last one.
     """
     model.train()
     device = info.device
@@ -97,6 +108,12 @@ def train_one_epoch(
         seen += n
         loss_sum += loss.detach().double() * n
         correct += (output.detach().argmax(dim=1) == targets).sum()
+        if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i == steps - 1:
+            # A NaN or inf loss anywhere in the epoch so far makes the sum non-finite.
+            if all_reduce_max(int(not torch.isfinite(loss_sum)), device):
+                first = i + 1 - i % NONFINITE_CHECK_EVERY  # the first step after the previous check
+                raise NonFiniteLossError(f"the training loss became NaN or inf in {desc}, iterations {first}-{i + 1} "
+                                         f"of {steps} (lr {last_lr:.4g})")
         if args.print_freq > 0 and (i % args.print_freq == 0 or i == steps - 1) and info.is_main:
             msg = dict(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
             if hasattr(bar, "set_postfix"):

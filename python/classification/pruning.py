@@ -39,11 +39,6 @@ from pilot_kernels.sparsity import apply_keep_masks_, prune_
 
 from methods import sparsity_optimizer
 
-_FACTOR_STATE = ("m", "w")
-_MOMENTUM_STATE = ("momentum_m", "momentum_w", "momentum_buffer")
-# PILoT allocates its buffers up front and records here whether they hold history yet.
-_STARTED = "momentum_started"
-
 
 def cycle_sparsity(prune_rate: float, cycle: int) -> float:
     """Target global sparsity after ``cycle`` pruning rounds of rate ``prune_rate``."""
@@ -93,11 +88,11 @@ def reset_momentum_(optimizer: torch.optim.Optimizer) -> None:
     """Clear every momentum buffer, so the next step starts momentum afresh (b = d), as
     in a new run."""
     for state in optimizer.state.values():
-        if _STARTED in state:  # PILoT: keep the (zeroed) buffers, mark them unstarted
-            for key in _MOMENTUM_STATE:
+        if PILoT.STARTED_KEY in state:  # PILoT: keep the (zeroed) buffers, mark them unstarted
+            for key in PILoT.MOMENTUM_KEYS:
                 if key in state:
                     state[key].zero_()
-            state[_STARTED] = False
+            state[PILoT.STARTED_KEY] = False
         elif "momentum_buffer" in state:  # torch.optim.SGD re-creates it on the next step
             del state["momentum_buffer"]
 
@@ -110,8 +105,8 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, An
         factors = {}
         for name, p in model.named_parameters():
             state = optimizer.state.get(p, {})
-            if "m" in state:
-                factors[name] = {k: state[k].detach().cpu().clone() for k in _FACTOR_STATE}
+            if PILoT.FACTOR_KEYS[0] in state:
+                factors[name] = {k: state[k].detach().cpu().clone() for k in PILoT.FACTOR_KEYS}
         snap["factors"] = factors
     return snap
 
@@ -123,7 +118,7 @@ def rewind_weights_(model: nn.Module, optimizer: torch.optim.Optimizer, snap: di
         params = dict(model.named_parameters())
         for name, factors in snap["factors"].items():
             state = optimizer.state[params[name]]
-            for key in _FACTOR_STATE:
+            for key in PILoT.FACTOR_KEYS:
                 state[key].copy_(factors[key])
 
 

@@ -1,10 +1,11 @@
-"""The accuracy-vs-sparsity sweep: table, JSON and plot (shared with the benchmarks)."""
+"""The accuracy-vs-sparsity sweep: table, JSON and plot (shared by train.py and compare_methods.py)."""
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Iterable, Optional, Sequence
+
+from checkpoint import atomic_write
 
 # Finer than spred's 1 − 10^(−c) list in the range that matters, and including it.
 DEFAULT_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999,
@@ -38,6 +39,7 @@ def format_table(rows: Sequence[dict[str, float]], title: str = "") -> str:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON, written atomically; non-finite floats become ``null``."""
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -47,11 +49,9 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
             return [clean(x) for x in v]
         return v
 
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(clean(payload), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def plot_sweeps(path: str, series: dict[str, Sequence[dict[str, float]]], title: str = "",

@@ -20,12 +20,23 @@ Every epoch logs train loss/accuracy, val top-1/top-5, α, the L1 norm ``Σ|x|``
 reparameterized tensors (``ndim >= 2``) and their global sparsity at the absolute
 thresholds ``--sparsity-thresholds`` (``|x| <= t`` counts as zero; ``0`` = exact
 zeros); to the console, ``metrics.jsonl`` and TensorBoard (when importable).  A
-checkpoint is written atomically after every epoch; ``--resume auto`` continues from it
-exactly.  At the end the weights are pruned by global magnitude to each sparsity of
-``--sweep-sparsities`` without fine-tuning (spec §6) and evaluated; the table goes to
-the console, ``sweep.json`` and ``sweep.png``, and the sparsest model within 1 point of
-the unpruned top-1 (or ``--export-sparsity``) is saved as ``sparse_model.pt``, a plain
-state_dict with exact zeros that loads into the unmodified model.
+checkpoint is written atomically after every epoch.  At the end the weights are pruned
+by global magnitude to each sparsity of ``--sweep-sparsities`` without fine-tuning (the
+paper's one-shot evaluation, appendix C.2) and evaluated; the table goes to the console,
+``sweep.json`` and ``sweep.png``, and the sparsest model within 1 point of the unpruned
+top-1 (or ``--export-sparsity``) is saved as ``sparse_model.pt``, a plain state_dict with
+exact zeros that loads into the unmodified model.  Nothing is exported when the unpruned
+model is no better than chance or the chosen sparsity leaves no nonzero weight.
+
+A run owns its ``--output-dir``: a new run refuses a directory that holds an earlier
+run's checkpoint or results (``--resume auto`` continues that run, ``--overwrite``
+deletes its files first).  ``--resume`` continues bit-exactly, with any number of data
+workers: the flags that define the run (method, model, data, optimizer, schedules, seed)
+come from the checkpoint, and giving one with a different value is refused; ``--epochs``
+may change (the lr cosine and the adaptive α then span the new length), and the flags
+about how and where it runs (``-j``, ``--device``, ``--fsdp``, ``--output-dir``, the
+sweep and logging) apply, as the log says.  A NaN or infinite training loss stops the
+run with an error, keeping the checkpoint of the last finished epoch.
 
 ``--fsdp`` shards the model with FSDP2 instead of replicating it with DDP (PILoT's
 ``m``, ``w`` and momenta are sharded like the parameters); checkpoints hold full
@@ -47,14 +58,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep  # noqa: E402
+from pilot_kernels import PILoT
+from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep
 
-import checkpoint as ckpt  # noqa: E402
-from data import build_data  # noqa: E402
-import fsdp as fsdp_utils  # noqa: E402
-from dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown  # noqa: E402
-from engine import evaluate, train_one_epoch  # noqa: E402
-from methods import (  # noqa: E402
+import checkpoint as ckpt
+from data import build_data
+import fsdp as fsdp_utils
+from dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from methods import (
     ALPHA_SCHEDULES,
     DEFAULT_WD,
     METHODS,
@@ -69,9 +81,9 @@ from methods import (  # noqa: E402
     step_alpha,
     uses_pilot,
 )
-from models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels  # noqa: E402
-from pruning import Masks, snapshot, start_cycle  # noqa: E402
-from report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_rows, write_json  # noqa: E402
+from models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels
+from pruning import Masks, snapshot, start_cycle
+from report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_rows, write_json
 
 # ---------------------------------------------------------------------- defaults
 # Built-in defaults for the embedded digits data (no --data-path): chosen so that the
@@ -86,8 +98,8 @@ EMBEDDED = dict(arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=0.1, momentum=0.9
 GENERIC = dict(arch="resnet18", epochs=90, batch_size=32, lr=0.1, momentum=0.9, lr_warmup_epochs=0,
                label_smoothing=0.0, alpha={"pilot": 1e-5, "spred": 1e-5, "l1": 1e-5, "dense": 0.0},
                l1_threshold=0.0)
-# Spec §7: the paper's ResNet-50/ImageNet recipe (STR's, plus PILoT's α, K, δ and the L2
-# term on m ⊙ w).  lr is 0.256 per 256 images of global batch.
+# The paper's ResNet-50/ImageNet recipe (appendix C.2, Table 3: STR's setup plus PILoT's
+# α, K, δ and the L2 term on m ⊙ w).  lr is 0.256 per 256 images of global batch.
 PRESETS = {
     "imagenet-pilot": dict(arch="resnet50", epochs=100, batch_size=256, lr_per_256=0.256, momentum=0.875,
                            lr_warmup_epochs=5, label_smoothing=0.1, method="pilot", alpha=7e-6,
@@ -98,7 +110,6 @@ PRESETS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="ImageFolder root with train/ and val/ (default: the embedded sklearn digits)")
     g.add_argument("--synthetic", action="store_true", help="one random batch resident on the device (throughput only; ImageNet-sized unless --arch digits_cnn)")
@@ -164,8 +175,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(NCCL on GPUs, gloo on CPU); without it, a mesh of one process. Checkpoints hold full "
                         "tensors (rank 0 gathers; they resume with or without --fsdp); the final sweep and export "
                         "run on an unsharded copy. Not with --cycles or --amp fp16")
-    g.add_argument("--output-dir", default="runs/train", help="checkpoints, metrics.jsonl, sweep.{json,png}, sparse_model.pt ('' = write nothing)")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' (the output dir's checkpoint if any)")
+    g.add_argument("--output-dir", default="runs/train",
+                   help="checkpoint.pt, metrics.jsonl, sweep.{json,png}, sparse_model.{pt,json} ('' = write nothing). "
+                        "A new run refuses a directory holding an earlier run: see --resume and --overwrite")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint path, or 'auto' (the output dir's checkpoint if any, else a new run). The run's "
+                        "defining flags come from the checkpoint (a different value is refused); --epochs and "
+                        "the flags of how and where it runs may change")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds an earlier one, deleting its checkpoint, "
+                        "metrics, sweep and export")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this invocation once N epochs (counted from the start of training) are done, "
                         "e.g. to fit a job's time limit; continue with --resume auto")
@@ -179,12 +198,140 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="print a line every --print-freq iterations when bars are off (default: on for --data-path/--synthetic)")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     g.add_argument("--use-deterministic-algorithms", action="store_true")
-    del a
     return p
 
 
+# With --resume, a flag the command line leaves out comes from the checkpoint's run, and
+# one it gives must match it, except for these.  How and where this invocation runs:
+# from its own command line only (defaults included).
+SESSION_FLAGS = frozenset({
+    "workers", "eval_batch_size", "channels_last", "compile", "fsdp", "output_dir", "resume", "overwrite",
+    "stop_after", "device", "print_freq", "progress", "log_iters", "tensorboard", "use_deterministic_algorithms",
+})
+# From the checkpoint unless given; given, they apply (where the data lies, what the end
+# of the run sweeps and exports, how long it trains).
+CHANGEABLE_FLAGS = frozenset({"data_path", "sparsity_thresholds", "sweep_sparsities", "no_sweep", "export_sparsity",
+                              "epochs"})
+# Changes that go without a note in the log.
+QUIET_FLAGS = frozenset({"resume", "overwrite", "progress", "print_freq", "log_iters", "tensorboard"})
+# What run() needs from a checkpoint besides the model.
+CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "rng")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; ``args.given`` names the flags it spells out (a resumed run takes
+    the others from its checkpoint, and flags without effect are refused only if given)."""
+    args = get_args_parser().parse_args(argv)
+    probe = get_args_parser()
+    for action in probe._actions:  # parse again with no defaults: what is left was typed
+        action.default = argparse.SUPPRESS
+    args.given = frozenset(vars(probe.parse_args(argv)))
+    return args
+
+
+def _option_names() -> dict[str, str]:
+    """dest -> the flag's first long spelling (``lr`` -> ``--lr``)."""
+    names = {}
+    for action in get_args_parser()._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in names:
+            names[action.dest] = longs[0]
+    return names
+
+
+def _given(args: argparse.Namespace) -> frozenset:
+    """The flags typed on the command line (without :func:`parse_args`: the ones that
+    differ from their defaults)."""
+    if getattr(args, "given", None) is not None:
+        return args.given
+    defaults = vars(get_args_parser().parse_args([]))
+    return frozenset(k for k, v in defaults.items() if getattr(args, k, v) != v)
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_resume_meta(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped (its tensors are not read), checked for
+    what ``--resume`` needs."""
+    try:
+        state = ckpt.load_meta(path)
+    except Exception as e:
+        raise SystemExit(f"--resume {path}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        what = ("a plain state_dict (as sparse_model.pt is)" if isinstance(state, dict) and state
+                and all(isinstance(v, torch.Tensor) for v in state.values()) else f"a {type(state).__name__}")
+        raise SystemExit(f"--resume {path} has no 'model' entry: it is {what}, not a checkpoint of train.py. "
+                         f"Resume from the checkpoint.pt that a run writes into its --output-dir")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise SystemExit(f"--resume {path} lacks {', '.join(missing)}: it is not a complete checkpoint of train.py; "
+                         "resume from the checkpoint.pt that a run writes into its --output-dir")
+    return state
+
+
+def _holds_pilot_state(optimizer_sd: dict[str, Any]) -> bool:
+    return any(isinstance(s, dict) and PILoT.FACTOR_KEYS[0] in s for s in optimizer_sd.get("state", {}).values())
+
+
+def adopt_checkpoint_args(args: argparse.Namespace, state: dict[str, Any], path: str) -> list[str]:
+    """Take the run-defining flags from the checkpoint's run; refuse a typed one that
+    differs.  Returns what the log should say about the flags that change and apply."""
+    saved = state.get("args") or {}
+    given, names = _given(args), _option_names()
+    done = int(state["epoch"]) + 1
+    pilot_ckpt = _holds_pilot_state(state["optimizer"])
+    conflicts, notes = [], []
+    for dest, flag in names.items():
+        if dest not in saved or not hasattr(args, dest):
+            continue
+        old, new = saved[dest], getattr(args, dest)
+        if dest not in given:
+            if dest not in SESSION_FLAGS:
+                setattr(args, dest, old)
+        elif new != old:
+            if dest == "epochs" and not saved.get("cycles") and new >= done:
+                notes.append(f"--epochs {new} (the run had {old}): the lr cosine and the adaptive α schedule "
+                             f"now span {new} epochs")
+            elif dest == "epochs":
+                conflicts.append(f"--epochs {new}: " + (f"the run has already trained {done} epochs"
+                                 if new < done else "with --cycles, the epochs of a cycle cannot change"))
+            elif dest in SESSION_FLAGS or dest in CHANGEABLE_FLAGS:
+                if dest not in QUIET_FLAGS:
+                    notes.append(f"{flag} {_shown(new)} (the run had {_shown(old)})")
+            elif dest == "method":
+                conflicts.append(f"--method {new} (the run's: {old}; its optimizer "
+                                 + ("holds PILoT's factors m, w)" if pilot_ckpt else "is SGD, without factors m, w)"))
+            else:
+                conflicts.append(f"{flag} {_shown(new)} (the run's: {_shown(old)})")
+    method = args.method or "pilot"  # what resolve_args makes of it (a checkpoint without args)
+    if method is not None and pilot_ckpt != uses_pilot(method) and not any(c.startswith("--method") for c in conflicts):
+        conflicts.append(f"--method {method}: the checkpoint's optimizer is "
+                         + ("PILoT (it holds the factors m, w), which --method pilot or spred continues"
+                            if pilot_ckpt else "SGD (no factors m, w), which --method dense or l1 continues"))
+    if conflicts:
+        raise SystemExit(f"--resume {path} continues that run with its own settings, and these flags differ from "
+                         f"them: {'; '.join(conflicts)}. Drop them to continue the run, or start a new run "
+                         "(in another --output-dir, or with --overwrite)")
+    return notes
+
+
+def _floats(flag: str, text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 0,0.5,0.9") from None
+
+
 def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Fill the unset flags: explicit flag > --preset > embedded/generic defaults."""
+    """Fill the unset flags (explicit flag > resumed checkpoint > --preset > embedded/generic
+    defaults) and validate all of them, before anything is built."""
+    args.resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
+    args.resume_notes = []
+    if args.resume_path:
+        args.resume_notes = adopt_checkpoint_args(args, load_resume_meta(args.resume_path), args.resume_path)
+    given = _given(args)
     preset = dict(PRESETS[args.preset]) if args.preset else {}
     base = EMBEDDED if not (args.data_path or args.synthetic) else GENERIC
 
@@ -220,33 +367,109 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     if args.workers is None:  # in-memory data needs none; ImageFolder shares the cores among local ranks
         per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = max(1, min(8, per_rank)) if args.data_path else 0
-    if args.preset and not (args.data_path or args.synthetic):
-        raise SystemExit(f"--preset {args.preset} trains on ImageNet: give --data-path (or --synthetic)")
-    if args.epochs < 1:
-        raise SystemExit("--epochs must be >= 1")
-    if args.lr_warmup_epochs >= args.epochs:
-        raise SystemExit(f"--lr-warmup-epochs ({args.lr_warmup_epochs}) must be smaller than --epochs ({args.epochs})")
-    if args.cycles < 0 or not 0.0 < args.prune_rate < 1.0:
-        raise SystemExit("--cycles must be >= 0 and --prune-rate in (0, 1)")
-    if args.cycles and args.rewind == "weight" and not 0 <= args.rewind_epoch < args.epochs:
-        raise SystemExit(f"--rewind-epoch must be in [0, --epochs) = [0, {args.epochs})")
-    if args.method in ("dense", "l1") and args.x_weight_decay:
-        raise SystemExit("--x-weight-decay applies to pilot/spred (the L2 on m ⊙ w); use --wd for dense/l1")
-    if args.method == "dense" and args.alpha:
-        raise SystemExit("--alpha has no effect with --method dense")
-    if args.fsdp and args.cycles:
-        raise SystemExit("--cycles >= 1 (iterative pruning) is not supported with --fsdp yet; use DDP "
-                         "(torchrun without --fsdp), or train with --fsdp and prune from its checkpoint with DDP")
-    if args.fsdp and args.amp == "fp16":
-        raise SystemExit("--amp fp16 is not supported with --fsdp (its GradScaler would skip steps per rank); "
-                         "use --amp bf16 or --param-dtype bf16")
-    if args.param_dtype != "fp32" and args.amp == "fp16":
-        raise SystemExit(f"--amp fp16 does not combine with --param-dtype {args.param_dtype}; use --amp bf16 or neither")
-    args.thresholds = [float(t) for t in args.sparsity_thresholds.split(",") if t.strip()]
-    args.sweep = ([float(s) for s in args.sweep_sparsities.split(",") if s.strip()]
-                  if args.sweep_sparsities else list(DEFAULT_SWEEP))
+    args.thresholds = _floats("--sparsity-thresholds", args.sparsity_thresholds)
+    args.sweep = _floats("--sweep-sparsities", args.sweep_sparsities) if args.sweep_sparsities else list(DEFAULT_SWEEP)
+    validate_args(args, given)
     args.sweep = sorted(set(args.sweep) | {0.0})  # the unpruned model is the reference row
     return args
+
+
+def validate_args(args: argparse.Namespace, given: frozenset) -> None:
+    """Every flag, checked before any data or model is built; each message says what to do."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SystemExit(message)
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    pilot, embedded = uses_pilot(args.method), not (args.data_path or args.synthetic)
+    # Ranges.
+    need(args.epochs >= 1, f"--epochs {args.epochs}: give at least 1")
+    need(args.batch_size >= 1, f"-b/--batch-size {args.batch_size}: give at least 1")
+    need(args.eval_batch_size is None or args.eval_batch_size >= 1,
+         f"--eval-batch-size {args.eval_batch_size}: give at least 1 (or leave it out: -b)")
+    need(args.workers >= 0, f"-j/--workers {args.workers}: give 0 (load in the main process) or more")
+    for flag, value in (("--image-size", args.image_size), ("--train-crop-size", args.train_crop_size),
+                        ("--val-resize-size", args.val_resize_size), ("--val-crop-size", args.val_crop_size)):
+        need(value >= 1, f"{flag} {value}: an image side in pixels, at least 1")
+    need(args.synthetic_steps >= 1, f"--synthetic-steps {args.synthetic_steps}: give at least 1")
+    need(args.num_classes >= 2, f"--num-classes {args.num_classes}: give at least 2")
+    need(args.stop_after is None or args.stop_after >= 1, f"--stop-after {args.stop_after}: give at least 1 epoch")
+    need(args.print_freq >= 0, f"--print-freq {args.print_freq}: give 0 (no progress lines) or more")
+    need(finite(args.lr) and args.lr >= 0, f"--lr {args.lr}: give a finite learning rate >= 0")
+    need(finite(args.momentum) and 0 <= args.momentum < 1, f"--momentum {args.momentum}: give a value in [0, 1)")
+    need(not args.nesterov or args.momentum > 0, "--nesterov needs --momentum > 0")
+    need(finite(args.wd) and args.wd >= 0, f"--wd {args.wd}: give a finite weight decay >= 0")
+    need(finite(args.label_smoothing) and 0 <= args.label_smoothing < 1,
+         f"--label-smoothing {args.label_smoothing}: give a value in [0, 1)")
+    need(args.lr_warmup_epochs >= 0, f"--lr-warmup-epochs {args.lr_warmup_epochs}: give 0 or more")
+    need(args.lr_warmup_epochs < args.epochs,
+         f"--lr-warmup-epochs ({args.lr_warmup_epochs}) must be smaller than --epochs ({args.epochs})")
+    need(finite(args.alpha) and args.alpha >= 0, f"--alpha {args.alpha}: give a finite value >= 0")
+    need(finite(args.beta) and args.beta >= 0, f"--beta {args.beta}: give a finite value >= 0 (1: PILoT, 0: spred)")
+    need(finite(args.delta) and args.delta >= 1, f"--delta {args.delta}: give δ >= 1 (α grows by ·δ, decays by /δ)")
+    need(finite(args.l1_threshold) and args.l1_threshold >= 0, f"--l1-threshold {args.l1_threshold}: give K >= 0")
+    need(finite(args.x_weight_decay) and args.x_weight_decay >= 0,
+         f"--x-weight-decay {args.x_weight_decay}: give a finite value >= 0")
+    need(finite(args.alpha_p) and 0 < args.alpha_p <= 1, f"--alpha-p {args.alpha_p}: give a ratio in (0, 1]")
+    need(args.cycles >= 0 and 0.0 < args.prune_rate < 1.0, "--cycles must be >= 0 and --prune-rate in (0, 1)")
+    if args.cycles and args.rewind == "weight":
+        need(0 <= args.rewind_epoch < args.epochs, f"--rewind-epoch must be in [0, --epochs) = [0, {args.epochs})")
+    for t in args.thresholds:
+        need(math.isfinite(t) and t >= 0, f"--sparsity-thresholds: {t:g} is not a threshold; give |x| bounds >= 0, "
+                                          "e.g. 0,1e-4,1e-3")
+    for sp in args.sweep:
+        need(0 <= sp < 1, f"--sweep-sparsities: {sp:g} is not a sparsity; give fractions in [0, 1), e.g. 0,0.5,0.9")
+    need(args.export_sparsity is None or 0 <= args.export_sparsity < 1,
+         f"--export-sparsity {args.export_sparsity}: give a fraction in [0, 1) (1 would zero every weight)")
+    # α = 0 can never grow: Algorithm 1 multiplies it by δ, the decaying schedules scale α0.
+    need(not (pilot and args.alpha == 0 and args.alpha_schedule != "constant"),
+         f"--alpha 0 with --alpha-schedule {args.alpha_schedule}: every step of that schedule multiplies α, so it "
+         "stays 0; give --alpha > 0, or --alpha-schedule constant for training without the α term")
+    # Data and model.
+    need(not (args.synthetic and args.data_path), "--synthetic and --data-path exclude each other; give one")
+    need(not (args.preset and embedded), f"--preset {args.preset} trains on ImageNet: give --data-path (or --synthetic)")
+    need(not (args.data_path and args.arch == DIGITS_ARCH),
+         f"--arch {DIGITS_ARCH} takes the 1-channel embedded digits, but --data-path {args.data_path} is an "
+         "ImageFolder of 3-channel images: give a torchvision model (e.g. --arch resnet18), or leave out --data-path")
+    # Combinations.
+    if args.method in ("dense", "l1"):
+        need(not args.x_weight_decay, "--x-weight-decay applies to pilot/spred (the L2 on m ⊙ w); use --wd for dense/l1")
+        for dest in ("beta", "alpha_schedule", "delta", "l1_threshold", "alpha_p"):
+            need(dest not in given, f"{_option_names()[dest]} applies to pilot/spred, not --method {args.method}")
+    need(not (args.method == "dense" and args.alpha), "--alpha has no effect with --method dense")
+    if pilot:
+        need(args.alpha_schedule == "adaptive" or not {"delta", "l1_threshold"} & given,
+             f"--delta and --l1-threshold set the adaptive schedule, not --alpha-schedule {args.alpha_schedule}")
+        need(args.alpha_schedule == "geometric" or "alpha_p" not in given,
+             f"--alpha-p is the ratio of --alpha-schedule geometric, not {args.alpha_schedule}")
+    if not args.cycles:
+        for dest in ("prune_rate", "rewind", "rewind_epoch"):
+            need(dest not in given, f"{_option_names()[dest]} applies to iterative pruning: give --cycles N too")
+    elif args.rewind == "lr":
+        need("rewind_epoch" not in given, "--rewind-epoch applies to --rewind weight")
+    if args.no_sweep or args.synthetic:
+        why = "--no-sweep" if args.no_sweep else "--synthetic (random data: no sweep, no export)"
+        for dest in ("sweep_sparsities", "export_sparsity"):
+            need(dest not in given, f"{_option_names()[dest]} has no effect with {why}")
+    if not args.synthetic:
+        need("synthetic_steps" not in given and "num_classes" not in given,
+             "--synthetic-steps and --num-classes describe --synthetic data; give --synthetic too")
+    need(not (args.data_path and "image_size" in given),
+         "--image-size sizes the embedded digits; for --data-path use --train-crop-size/--val-crop-size")
+    if embedded or (args.synthetic and args.arch == DIGITS_ARCH):
+        for dest in ("train_crop_size", "val_resize_size", "val_crop_size"):
+            need(dest not in given, f"{_option_names()[dest]} applies to --data-path (or --synthetic with a torchvision "
+                                    "model); the embedded digits use --image-size")
+    # Distributed and precision.
+    need(not (args.fsdp and args.cycles), "--cycles >= 1 (iterative pruning) is not supported with --fsdp yet; use DDP "
+                                          "(torchrun without --fsdp), or train with --fsdp and prune from its checkpoint "
+                                          "with DDP")
+    need(not (args.fsdp and args.amp == "fp16"), "--amp fp16 is not supported with --fsdp (its GradScaler would skip "
+                                                 "steps per rank); use --amp bf16 or --param-dtype bf16")
+    need(not (args.param_dtype != "fp32" and args.amp == "fp16"),
+         f"--amp fp16 does not combine with --param-dtype {args.param_dtype}; use --amp bf16 or neither")
 
 
 # ---------------------------------------------------------------------- logging
@@ -322,13 +545,46 @@ def epoch_line(r: dict[str, Any], total: int) -> str:
 
 # ---------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     info = init_distributed(args.device, need_group=args.fsdp)
-    args = resolve_args(args, info.world_size)
     try:
-        return run(args, info)
+        return run(resolve_args(args, info.world_size), info)
     finally:
         shutdown()
+
+
+# What a run writes into --output-dir (besides TensorBoard's tb/).
+RUN_FILES = (ckpt.CHECKPOINT_NAME, "metrics.jsonl", "sweep.json", "sweep.png", "sparse_model.pt", "sparse_model.json")
+
+
+def claim_output_dir(args: argparse.Namespace, is_main: bool) -> None:
+    """Refuse to start a new run over an earlier run's files in ``--output-dir``; with
+    ``--overwrite``, delete them (rank 0).  Continuing the run that lives there is fine."""
+    d = args.output_dir
+    if not d or not os.path.isdir(d):
+        return
+    if args.resume_path and os.path.samefile(os.path.dirname(os.path.abspath(args.resume_path)), d):
+        return
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(d, f))]
+    metrics = os.path.join(d, "metrics.jsonl")
+    if found == ["metrics.jsonl"] and not any(_epoch_of(ln) is not None for ln in open(metrics)):
+        found = []  # an empty log: that run never finished an epoch
+    if not found:
+        return
+    if not args.overwrite:
+        what = ", ".join(found)
+        if ckpt.CHECKPOINT_NAME in found:
+            what += f"; its checkpoint is at epoch {int(ckpt.load_meta(os.path.join(d, ckpt.CHECKPOINT_NAME))['epoch']) + 1}"
+        raise SystemExit(f"--output-dir {d} holds an earlier run ({what}). Continue it with --resume auto, "
+                         "start over with --overwrite (deletes those files), or give another --output-dir")
+    if is_main:
+        for f in found:
+            os.remove(os.path.join(d, f))
+        tb = os.path.join(d, "tb")
+        if os.path.isdir(tb):
+            for f in os.listdir(tb):
+                if f.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(tb, f))
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
@@ -337,10 +593,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    claim_output_dir(args, info.is_main)
+    barrier()  # rank 0 has cleared the directory before anyone writes
     out_dir = args.output_dir if info.is_main else ""
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
+    resume_path = args.resume_path
     state = ckpt.load(resume_path) if resume_path else None
 
     # Same seed on every rank for the model; rank-specific streams for the data below.
@@ -388,6 +646,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if alpha_scheduler is not None:
             alpha_scheduler.load_state_dict(state["alpha_scheduler"])
+        saved_epochs = (state.get("args") or {}).get("epochs", args.epochs)
+        if saved_epochs != args.epochs:  # --epochs changed (checked in resolve_args): the schedules span the new length
+            lr_was = optimizer.param_groups[0]["lr"]
+            for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+                group["lr"] = base * factor(lr_scheduler.last_epoch)
+            if alpha_scheduler is not None and hasattr(alpha_scheduler, "total_epochs"):
+                alpha_scheduler.total_epochs = args.epochs
+            args.resume_notes.append(f"lr at this point: {lr_was:.4g} on the {saved_epochs}-epoch schedule, "
+                                     f"{optimizer.param_groups[0]['lr']:.4g} on the {args.epochs}-epoch one")
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if state.get("masks"):
@@ -411,7 +678,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     eval_model = torch.compile(model_without_ddp) if args.compile else model_without_ddp
 
     log = Logger(info, out_dir, args.tensorboard, state["epoch"] if state is not None else None)
-    n_reparam = sum(p.numel() for p in model_without_ddp.parameters() if p.ndim >= 2)
+    n_reparam = n_weights(model_without_ddp)
     n_all = sum(p.numel() for p in model_without_ddp.parameters())
     log.print(f"data: {data.description}")
     log.print(f"model: {args.arch}, {n_all:,} parameters ({n_reparam:,} in tensors with ndim >= 2) | "
@@ -423,51 +690,66 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
               + f" | lr {args.lr:g}, batch {args.batch_size}x{info.world_size}, {epochs_total} epochs"
               + (f" ({args.cycles + 1} cycles, prune rate {args.prune_rate:g}, {args.rewind} rewinding)" if args.cycles else ""))
     if resume_path:
-        log.print(f"resumed from {resume_path} at epoch {start_epoch}")
+        log.print(f"resumed from {resume_path} at epoch {start_epoch}; the run's settings come from it")
+        for note in args.resume_notes:
+            log.print(f"  applies from here: {note}")
 
     history: list[dict[str, Any]] = []
     run_start = time.perf_counter()
     end_epoch = epochs_total if args.stop_after is None else min(epochs_total, args.stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        cycle, epoch_in_cycle = divmod(epoch, args.epochs)
-        if cycle > cycle_done:
-            masks, target = start_cycle(model_without_ddp, optimizer, cycle, args.prune_rate, args.rewind, rewind_snap)
-            for group in optimizer.param_groups:
-                if "initial_alpha" in group:
-                    group["alpha"] = group["initial_alpha"]
-            alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs)
-            cycle_done = cycle
-            log.print(f"cycle {cycle}: pruned to {100 * target:.2f}% sparsity, {args.rewind} rewinding")
-        if data.train_sampler is not None:
-            data.train_sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        train = train_one_epoch(train_model, model_without_ddp, criterion, optimizer, lr_scheduler, data.train_loader,
-                                args, info, scaler, masks, desc=f"epoch {epoch + 1}/{epochs_total}")
-        broadcast_buffers_(model_without_ddp)
-        step_alpha(alpha_scheduler, train["acc"])
-        val = evaluate(eval_model, criterion, data.val_loader, args, info, lockstep=args.fsdp)
-        record: dict[str, Any] = {
-            "epoch": epoch, "train": train, "val": val,
-            "lr": train["lr"], "alpha": current_alpha(optimizer, args),
-            "l1": l1_norm(model_without_ddp, optimizer),
-            "sparsity": sparsities_at(model_without_ddp, optimizer, args.thresholds),
-            "time_s": time.perf_counter() - t0,
-        }
-        if args.cycles:
-            record["cycle"] = cycle
-        if masks is not None:
-            bad = masks.violations()
-            record["pruned_nonzero"] = bad
-            if bad:
-                raise RuntimeError(f"{bad} pruned weights are not zero after epoch {epoch + 1}; the mask was not kept")
-        if (rewind_snap is None and args.cycles and args.rewind == "weight" and cycle == 0
-                and epoch_in_cycle + 1 == args.rewind_epoch):
-            rewind_snap = snapshot(model_without_ddp, optimizer)
-        history.append(record)
-        log.print(epoch_line(record, epochs_total))
-        log.epoch(record)
-        save_checkpoint(args, info, epoch, model_without_ddp, optimizer, lr_scheduler, alpha_scheduler, scaler,
-                        masks, rewind_snap, cycle_done)
+    last_saved = state["epoch"] if state is not None else None  # the epoch of the newest checkpoint
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            cycle, epoch_in_cycle = divmod(epoch, args.epochs)
+            if cycle > cycle_done:
+                masks, target = start_cycle(model_without_ddp, optimizer, cycle, args.prune_rate, args.rewind, rewind_snap)
+                for group in optimizer.param_groups:
+                    if "initial_alpha" in group:
+                        group["alpha"] = group["initial_alpha"]
+                alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs)
+                cycle_done = cycle
+                log.print(f"cycle {cycle}: pruned to {100 * target:.2f}% sparsity, {args.rewind} rewinding")
+            if data.train_sampler is not None:
+                data.train_sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            train = train_one_epoch(train_model, model_without_ddp, criterion, optimizer, lr_scheduler, data.train_loader,
+                                    args, info, scaler, masks, desc=f"epoch {epoch + 1}/{epochs_total}")
+            broadcast_buffers_(model_without_ddp)
+            step_alpha(alpha_scheduler, train["acc"])
+            val = evaluate(eval_model, criterion, data.val_loader, args, info, lockstep=args.fsdp)
+            record: dict[str, Any] = {
+                "epoch": epoch, "train": train, "val": val,
+                "lr": train["lr"], "alpha": current_alpha(optimizer, args),
+                "l1": l1_norm(model_without_ddp, optimizer),
+                "sparsity": sparsities_at(model_without_ddp, optimizer, args.thresholds),
+                "time_s": time.perf_counter() - t0,
+            }
+            if args.cycles:
+                record["cycle"] = cycle
+            if masks is not None:
+                bad = masks.violations()
+                record["pruned_nonzero"] = bad
+                if bad:
+                    raise RuntimeError(f"{bad} pruned weights are not zero after epoch {epoch + 1}; the mask was not kept")
+            if (rewind_snap is None and args.cycles and args.rewind == "weight" and cycle == 0
+                    and epoch_in_cycle + 1 == args.rewind_epoch):
+                rewind_snap = snapshot(model_without_ddp, optimizer)
+            if not (math.isfinite(val["loss"]) and math.isfinite(record["l1"])):  # the last step broke the weights
+                raise NonFiniteLossError(f"the weights are not finite after epoch {epoch + 1} (validation loss "
+                                         f"{val['loss']}, L1 norm {record['l1']})")
+            history.append(record)
+            log.print(epoch_line(record, epochs_total))
+            log.epoch(record)
+            save_checkpoint(args, info, epoch, model_without_ddp, optimizer, lr_scheduler, alpha_scheduler, scaler,
+                            masks, rewind_snap, cycle_done)
+            last_saved = epoch
+    except NonFiniteLossError as e:
+        log.close()
+        kept = ("no checkpoint is written" if not args.output_dir else
+                "no checkpoint was written" if last_saved is None else
+                f"the checkpoint of epoch {last_saved + 1} is kept in {os.path.join(args.output_dir, ckpt.CHECKPOINT_NAME)}")
+        raise NonFiniteLossError(f"{e}. The run stops; {kept}. Lower --lr or --alpha (or check the data), then start "
+                                 "over with --overwrite") from None
     train_time = time.perf_counter() - run_start
 
     finished = end_epoch == epochs_total
@@ -493,7 +775,8 @@ def save_checkpoint(args, info, epoch, model, optimizer, lr_scheduler, alpha_sch
         model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
     ckpt.atomic_save({
         "epoch": epoch,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "args": {k: v for k, v in vars(args).items()
+                 if k not in ("resume_path", "resume_notes") and isinstance(v, (int, float, str, bool, list, type(None)))},
         "model": model_sd,
         "optimizer": optim_sd,
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -508,8 +791,20 @@ def save_checkpoint(args, info, epoch, model, optimizer, lr_scheduler, alpha_sch
     }, os.path.join(args.output_dir, ckpt.CHECKPOINT_NAME))
 
 
+def chance_top1(num_classes: int, images: int) -> tuple[float, float]:
+    """Top-1 (%) of guessing among ``num_classes`` classes, and the most a guessing model
+    scores on ``images`` validation images within 3 binomial standard deviations."""
+    p = 1.0 / num_classes
+    return 100 * p, 100 * (p + 3 * math.sqrt(p * (1 - p) / max(images, 1)))
+
+
 def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion, data, log) -> dict[str, Any]:
     """Accuracy vs. magnitude-pruned sparsity (no fine-tuning), then the export.
+
+    The export is skipped, with the reason in the log and ``sweep.json``, when it would
+    be a degenerate model: the unpruned model is no better than chance
+    (:func:`chance_top1`), or the exported sparsity leaves no nonzero weight in the
+    tensors with ``ndim >= 2``.  The "sparsest within 1 point" never picks such a point.
 
     With ``--fsdp`` both run on a full, unsharded copy of the model that every rank
     gathers (each rank evaluates its part of the validation set, as during training);
@@ -528,29 +823,49 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
     results = sweep(model_without_ddp, opt, lambda: evaluate(eval_model, criterion, data.val_loader, args, info, progress=False),
                     args.sweep)
     rows = sweep_rows(results)
-    pick = best_within(rows, 1.0)
-    export_s = args.export_sparsity if args.export_sparsity is not None else pick["target"]
+    unpruned = rows[0]
+    guess, bound = chance_top1(data.num_classes, results[0][2]["images"])
+    # A model without a single nonzero weight is not a model, however it scores.
+    pick = best_within([r for r in rows if r["sparsity"] < 1.0], 1.0) if unpruned["sparsity"] < 1.0 else None
     title = (f"accuracy vs sparsity — {args.method}, {args.arch}: global magnitude pruning of the tensors with "
              f"ndim >= 2, no fine-tuning")
     log.print(format_table(rows, title))
-    log.print(f"sparsest within 1 point of unpruned top-1 ({rows[0]['top1']:.2f}%): "
-              f"{100 * pick['sparsity']:.2f}% sparse at {pick['top1']:.2f}%")
+    if pick is not None:
+        log.print(f"sparsest within 1 point of unpruned top-1 ({unpruned['top1']:.2f}%): "
+                  f"{100 * pick['sparsity']:.2f}% sparse at {pick['top1']:.2f}%")
+    skipped = None
+    if unpruned["top1"] <= bound:
+        skipped = (f"the unpruned model is no better than chance (top-1 {unpruned['top1']:.2f}%; guessing among "
+                   f"{data.num_classes} classes scores {guess:.2f}%, up to {bound:.2f}% on {results[0][2]['images']} "
+                   f"images). Train longer, or with a smaller --alpha or --lr")
+    elif pick is None:
+        skipped = "the unpruned model has no nonzero weight in its tensors with ndim >= 2; give a smaller --alpha"
+    export_s = None if skipped else args.export_sparsity if args.export_sparsity is not None else pick["target"]
     out.update({"sweep": rows, "export_sparsity": export_s})
-    state_dict = export_state_dict(model_without_ddp, opt, sparsity=export_s)
-    if args.param_dtype != "fp32":  # the unmodified model's dtype (an exact upcast)
-        for key, value in state_dict.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                state_dict[key] = value.float()
-    fresh = build_model(args.arch, data.num_classes)
-    fresh.load_state_dict(state_dict, strict=True)
-    exported = sparsity_report(fresh).sparsity
-    out["export_measured_sparsity"] = exported
+    if export_s is not None:
+        state_dict = export_state_dict(model_without_ddp, opt, sparsity=export_s)
+        if args.param_dtype != "fp32":  # the unmodified model's dtype (an exact upcast)
+            for key, value in state_dict.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    state_dict[key] = value.float()
+        fresh = build_model(args.arch, data.num_classes)
+        fresh.load_state_dict(state_dict, strict=True)
+        exported = sparsity_report(fresh).sparsity
+        out["export_measured_sparsity"] = exported
+        if exported >= 1.0:
+            skipped = (f"--export-sparsity {export_s:g} prunes every weight of the tensors with ndim >= 2 "
+                       f"({n_weights(fresh):,} of them); give a smaller one")
+    if skipped:
+        out["export_skipped"] = skipped
+        log.print(f"no sparse_model.pt: {skipped}")
     if info.is_main and args.output_dir:
         d = args.output_dir
         meta = {"method": args.method, "arch": args.arch, "num_classes": data.num_classes, "epochs": args.epochs,
                 "cycles": args.cycles, "seed": args.seed, "world_size": info.world_size}
-        write_json(os.path.join(d, "sweep.json"), {**meta, "rows": rows, "best_within_1pt": pick})
+        write_json(os.path.join(d, "sweep.json"), {**meta, "rows": rows, "best_within_1pt": pick,
+                                                   "export_skipped": skipped})
         plot_sweeps(os.path.join(d, "sweep.png"), {args.method: rows}, title=f"{args.arch}, {args.method}")
+    if info.is_main and args.output_dir and not skipped:
         ckpt.atomic_save(state_dict, os.path.join(d, "sparse_model.pt"))
         top1 = min(rows, key=lambda r: abs(r["target"] - export_s))
         write_json(os.path.join(d, "sparse_model.json"),
@@ -560,6 +875,11 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
                   f"ndim >= 2 are exact zeros; loads with {args.arch}.load_state_dict(strict=True)")
     barrier()
     return out
+
+
+def n_weights(model: nn.Module) -> int:
+    """Entries of the tensors with ``ndim >= 2`` (the ones pruned and exported sparse)."""
+    return sum(p.numel() for p in model.parameters() if p.ndim >= 2)
 
 
 if __name__ == "__main__":

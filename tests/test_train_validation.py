@@ -1,0 +1,133 @@
+"""train.py refuses bad flags before it builds anything, with a message that says what
+to do; with ``--resume`` it takes the run's flags from the checkpoint and refuses
+different ones.  No test here trains: each checkpoint is written by hand."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if main() gets as far as loading data."""
+    def built(*a, **k):
+        raise AssertionError("train.py built its data loaders although the flags are invalid")
+
+    monkeypatch.setattr(train, "build_data", built)
+
+
+def refused(argv: list[str], match: str) -> None:
+    with pytest.raises(SystemExit, match=match):
+        train.main(["--output-dir", "", *argv])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sweep-sparsities", "0,0.5,1"], r"--sweep-sparsities: 1 is not a sparsity; give fractions in \[0, 1\)"),
+    (["--sweep-sparsities", "0,-0.1"], r"-0.1 is not a sparsity"),
+    (["--sweep-sparsities", "0,half"], r"--sweep-sparsities '0,half': give comma-separated numbers"),
+    (["--export-sparsity", "1"], r"--export-sparsity 1.0: give a fraction in \[0, 1\)"),
+    (["--sparsity-thresholds", "0,-1e-3"], r"-0.001 is not a threshold; give \|x\| bounds >= 0"),
+    (["--sparsity-thresholds", "0,nan"], r"nan is not a threshold"),
+    (["--image-size", "0"], r"--image-size 0: an image side in pixels"),
+    (["--synthetic", "--arch", "resnet18", "--train-crop-size", "-1"], r"--train-crop-size -1"),
+    (["-b", "0"], r"--batch-size 0: give at least 1"),
+    (["--epochs", "0"], r"--epochs 0: give at least 1"),
+    (["--lr", "nan"], r"--lr nan: give a finite learning rate"),
+    (["--momentum", "1"], r"--momentum 1.0: give a value in \[0, 1\)"),
+    (["--nesterov", "--momentum", "0"], r"--nesterov needs --momentum > 0"),
+    (["--delta", "0.5"], r"--delta 0.5: give δ >= 1"),
+    (["--l1-threshold", "-1"], r"--l1-threshold -1.0: give K >= 0"),
+    (["--label-smoothing", "1"], r"--label-smoothing 1.0"),
+    (["-j", "-1"], r"--workers -1"),
+    (["--data-path", "/data/imagenet", "--arch", "digits_cnn"],
+     r"--arch digits_cnn takes the 1-channel embedded digits.*3-channel.*--arch resnet18"),
+    (["--alpha", "0"], r"--alpha 0 with --alpha-schedule adaptive: .* stays 0; give --alpha > 0"),
+    (["--alpha", "0", "--alpha-schedule", "geometric"], r"--alpha 0 with --alpha-schedule geometric"),
+    # flags that would have no effect
+    (["--no-sweep", "--export-sparsity", "0.5"], r"--export-sparsity has no effect with --no-sweep"),
+    (["--synthetic", "--sweep-sparsities", "0,0.5"], r"--sweep-sparsities has no effect with --synthetic"),
+    (["--method", "dense", "--beta", "1"], r"--beta applies to pilot/spred, not --method dense"),
+    (["--method", "l1", "--delta", "1.1"], r"--delta applies to pilot/spred"),
+    (["--alpha-schedule", "constant", "--delta", "1.1"], r"--delta and --l1-threshold set the adaptive schedule"),
+    (["--alpha-p", "0.9"], r"--alpha-p is the ratio of --alpha-schedule geometric"),
+    (["--prune-rate", "0.5"], r"--prune-rate applies to iterative pruning: give --cycles N too"),
+    (["--cycles", "1", "--rewind-epoch", "0"], r"--rewind-epoch applies to --rewind weight"),
+    (["--num-classes", "5"], r"describe --synthetic data; give --synthetic too"),
+    (["--train-crop-size", "32"], r"--train-crop-size applies to --data-path"),
+    (["--data-path", "/data/imagenet", "--image-size", "32"], r"--image-size sizes the embedded digits"),
+])
+def test_invalid_flags_refused_before_training(no_training, argv, match):
+    refused(argv, match)
+
+
+def test_alpha_zero_is_fine_with_a_constant_schedule():
+    args = train.resolve_args(train.parse_args(["--method", "spred", "--alpha", "0"]), world_size=1)
+    assert args.alpha == 0.0 and args.alpha_schedule == "constant"
+
+
+# ---------------------------------------------------------------------- --resume
+def fake_checkpoint(path: Path, *, pilot: bool = True, with_args: bool = True, epoch: int = 0, **run_args) -> Path:
+    """What train.py's checkpoint holds, as far as flag resolution reads it."""
+    state = {"m": torch.ones(2, 2), "w": torch.ones(2, 2)} if pilot else {"momentum_buffer": torch.zeros(2, 2)}
+    ck = {"epoch": epoch, "model": {"w": torch.zeros(2, 2)}, "rng": [], "lr_scheduler": {},
+          "optimizer": {"state": {0: state}, "param_groups": [{"params": [0]}]}}
+    if with_args:
+        saved = vars(train.resolve_args(train.parse_args(["--output-dir", ""]), world_size=1))
+        saved.update(run_args)
+        ck["args"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, path)
+    return path
+
+
+def test_resume_from_a_plain_state_dict_is_refused(tmp_path, no_training):
+    path = tmp_path / "sparse_model.pt"
+    torch.save({"features.0.weight": torch.zeros(3)}, path)
+    refused(["--resume", str(path)], r"has no 'model' entry: it is a plain state_dict .*checkpoint.pt")
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(tmp_path, no_training):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "epoch": 0}, path)
+    refused(["--resume", str(path)], r"lacks optimizer, lr_scheduler, rng")
+
+
+def test_pilot_checkpoint_resumed_as_dense_is_refused(tmp_path, no_training):
+    path = fake_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    refused(["--resume", str(path), "--method", "dense"],
+            r"--method dense \(the run's: pilot; its optimizer holds PILoT's factors m, w\).*Drop them")
+    old = fake_checkpoint(tmp_path / "old" / "checkpoint.pt", with_args=False)  # no args: read the optimizer
+    refused(["--resume", str(old), "--method", "dense"], r"the checkpoint's optimizer is PILoT")
+    sgd = fake_checkpoint(tmp_path / "sgd" / "checkpoint.pt", pilot=False, with_args=False)
+    refused(["--resume", str(sgd)], r"--method pilot: the checkpoint's optimizer is SGD")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--lr", "0.2"], r"--lr 0.2 \(the run's: 0.1\)"),
+    (["--alpha", "0.05"], r"--alpha 0.05 \(the run's: 0.02\)"),
+    (["--seed", "1"], r"--seed 1 \(the run's: 0\)"),
+    (["-b", "32"], r"--batch-size 32 \(the run's: 64\)"),
+    (["--epochs", "1"], r"--epochs 1: the run has already trained 3 epochs"),
+])
+def test_resume_refuses_flags_that_differ_from_the_run(tmp_path, no_training, argv, match):
+    path = fake_checkpoint(tmp_path / "run" / "checkpoint.pt", epoch=2)
+    refused(["--resume", str(path), *argv], match + r".*Drop them to continue the run, or start a new run")
+
+
+def test_resume_takes_the_runs_flags_and_applies_the_changeable_ones(tmp_path):
+    path = fake_checkpoint(tmp_path / "run" / "checkpoint.pt", method="spred", alpha=0.05, beta=0.0,
+                           alpha_schedule="constant", seed=3, lr=0.2, epochs=10, stop_after=4,
+                           sweep_sparsities="0,0.5")
+    argv = ["--resume", str(path), "--output-dir", "", "--epochs", "12", "-j", "1", "--seed", "3"]
+    args = train.resolve_args(train.parse_args(argv), world_size=1)
+    assert (args.method, args.alpha, args.beta, args.alpha_schedule, args.seed, args.lr) == \
+        ("spred", 0.05, 0.0, "constant", 3, 0.2)
+    assert args.epochs == 12 and args.stop_after is None  # how long: this command line's
+    assert args.sweep == [0.0, 0.5]  # what the end of the run sweeps: the run's, unless given
+    assert any(re.match(r"--epochs 12 \(the run had 10\): the lr cosine and the adaptive α", n) for n in args.resume_notes)
+    assert "--workers 1 (the run had 0)" in args.resume_notes
