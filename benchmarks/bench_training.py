@@ -16,12 +16,12 @@ autocast and channels_last, for ``--warmup`` iterations and then ``--iters`` tim
                    around ``opt.step()``; it includes gaps where the GPU waits on the host)
   step_kernel_us   summed device-kernel time of one step (torch.profiler)
   step_launches    device kernels in one step (CPU: aten ops dispatched)
-  step_bytes       analytic bytes of the step (``_env.step_bytes``); step_gbps = step_bytes
-                   over step_kernel_us (CUDA) or step_host_us (CPU)
+  step_bytes       analytic bytes of the step (:mod:`pilot_kernels.kernels.traffic`);
+                   step_gbps = step_bytes over step_kernel_us (CUDA) or step_host_us (CPU)
 
-Providers: ``dense`` (torch.optim.SGD fused), ``pilot_triton``, ``pilot_cuda``,
-``pilot_reference`` (PILoT with that backend), ``naive`` (every ndim >= 2 weight
-reparameterized with ``torch.nn.utils.parametrize`` as m·w, SGD foreach on m, w).
+Providers: ``dense`` (torch.optim.SGD fused), ``pilot_<backend>`` for every backend in
+``pilot_kernels.kernels.BACKENDS`` (PILoT with that backend), ``naive`` (every ndim >= 2
+weight reparameterized with ``torch.nn.utils.parametrize`` as m·w, SGD foreach on m, w).
 
 GPU:   python benchmarks/bench_training.py --profile /tmp/traces
 CPU:   python benchmarks/bench_training.py --device cpu --quick --out /tmp/bench
@@ -38,16 +38,12 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-try:  # python -m benchmarks.bench_training
-    from . import _env
-    from .bench_step import count_launches, naive_parametrize, naive_sgd
-except ImportError:  # python benchmarks/bench_training.py, or benchmarks/ on sys.path
-    import _env
-    from bench_step import count_launches, naive_parametrize, naive_sgd
+import bench_utils
+from pilot_kernels import bench
+from pilot_kernels.envinfo import environment
+from pilot_kernels.kernels import BACKENDS, traffic
 
-PROVIDERS = ("dense", "pilot_triton", "pilot_cuda", "pilot_reference", "naive")
-GPU_DEFAULT = ("dense", "pilot_triton", "pilot_cuda", "naive")
-CPU_DEFAULT = ("dense", "pilot_reference", "pilot_triton", "pilot_cuda", "naive")
+PROVIDERS = ("dense", *(f"pilot_{b}" for b in BACKENDS), "naive")
 
 COLUMNS = (
     "arch", "provider", "status", "batch_size", "image_size", "amp", "channels_last",
@@ -55,42 +51,6 @@ COLUMNS = (
     "peak_mem_mib", "step_host_us", "step_host_p80_us", "step_gpu_us", "step_kernel_us",
     "step_launches", "launch_counter", "step_bytes", "step_gbps",
 )
-
-
-class Unavailable(Exception):
-    pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median(vals: list[float]) -> Optional[float]:
-    if not vals:
-        return None
-    v = sorted(vals)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
-
-
-def _p80(vals: list[float]) -> Optional[float]:
-    if not vals:
-        return None
-    v = sorted(vals)
-    return v[min(len(v) - 1, math.ceil(0.8 * (len(v) - 1)))]
-
-
-def _check_provider(provider: str, device: torch.device) -> None:
-    if provider in ("pilot_triton", "pilot_cuda") and device.type != "cuda":
-        raise Unavailable("needs a CUDA device")
-    if provider == "pilot_cuda":
-        import importlib
-
-        try:
-            importlib.import_module("pilot_kernels.kernels.fused_cuda")
-        except Exception as e:
-            raise Unavailable(f"pilot_kernels.kernels.fused_cuda: {_env.short_reason(e)}") from None
 
 
 def build(provider: str, args, device: torch.device):
@@ -112,22 +72,23 @@ def build(provider: str, args, device: torch.device):
     mom = args.momentum != 0
     if provider == "dense":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, fused=True)
-        nbytes = _env.step_bytes(shapes, "sgd", dtype, mom)
+        nbytes = traffic.step_bytes(shapes, "sgd", dtype, mom)
     elif provider.startswith("pilot_"):
         from pilot_kernels import PILoT
 
-        opt = PILoT(model.parameters(), lr=args.lr, momentum=args.momentum, alpha=args.alpha,
-                    backend=provider.removeprefix("pilot_"))
-        nbytes = _env.step_bytes(shapes, "pilot", dtype, mom)
+        backend = provider.removeprefix("pilot_")
+        bench.check_available(backend, device)
+        opt = PILoT(model.parameters(), lr=args.lr, momentum=args.momentum, alpha=args.alpha, backend=backend)
+        nbytes = traffic.step_bytes(shapes, "pilot", dtype, mom)
     elif provider == "naive":
         with torch.no_grad():
-            factors, others = naive_parametrize(model)
-        opt = naive_sgd(factors, others, lr=args.lr, momentum=args.momentum, alpha=args.alpha)
+            factors, others = bench.naive_parametrize(model)
+        opt = bench.naive_sgd(factors, others, lr=args.lr, momentum=args.momentum, alpha=args.alpha)
         # The step is SGD on the fp32 factors m and w (the product and its backward are
         # part of forward/backward, so they show in img/s, not here).
-        sgd = _env.bytes_per_element("sgd", torch.float32, mom)
-        nbytes = sum(math.prod(s) * (2 * sgd if _env.is_reparameterized(s) else
-                                     _env.bytes_per_element("sgd", dtype, mom)) for s in shapes)
+        sgd = traffic.bytes_per_element("sgd", torch.float32, mom)
+        nbytes = sum(math.prod(s) * (2 * sgd if traffic.is_reparameterized(s) else
+                                     traffic.bytes_per_element("sgd", dtype, mom)) for s in shapes)
     else:
         raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
     return model, opt, nbytes, shapes
@@ -141,9 +102,8 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
     }
     model = opt = images = labels = None
     try:
-        _check_provider(provider, device)
         model, opt, nbytes, shapes = build(provider, args, device)
-        row.update(n_tensors=len(shapes), n_reparam=sum(_env.is_reparameterized(s) for s in shapes),
+        row.update(n_tensors=len(shapes), n_reparam=sum(traffic.is_reparameterized(s) for s in shapes),
                    n_params=sum(math.prod(s) for s in shapes), step_bytes=nbytes)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen,
@@ -163,7 +123,7 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
             fwd_bwd()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _sync(device)
+        bench.sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -172,7 +132,7 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(args.iters)] if cuda else []
         host: list[float] = []
-        _sync(device)
+        bench.sync(device)
         t0 = time.perf_counter()
         for i in range(args.iters):
             fwd_bwd()
@@ -184,37 +144,38 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
             if cuda:
                 ev[i][1].record()
             opt.zero_grad(set_to_none=True)
-        _sync(device)
+        bench.sync(device)
         elapsed = time.perf_counter() - t0
         row.update(status="ok", iter_ms=1e3 * elapsed / args.iters,
                    img_per_s=args.batch_size * args.iters / elapsed)
         if cuda:
             row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row["step_gpu_us"] = _median([1e3 * a.elapsed_time(b) for a, b in ev])
+            row["step_gpu_us"] = bench.summarize([1e3 * a.elapsed_time(b) for a, b in ev])["median"]
             # Host cost of step() alone: inside the loop above the launch queue may be
             # full and block the host, so measure again with the device idle before the
             # call and no sync inside it.
             host = []
             for _ in range(args.host_iters):
                 fwd_bwd()
-                _sync(device)
+                bench.sync(device)
                 t1 = time.perf_counter()
                 opt.step()
                 host.append(1e6 * (time.perf_counter() - t1))
                 opt.zero_grad(set_to_none=True)
-            _sync(device)
+            bench.sync(device)
         # (on the CPU the step is synchronous: the loop's samples are the whole step)
-        row.update(step_host_us=_median(host), step_host_p80_us=_p80(host))
+        host_stats = bench.summarize(host)
+        row.update(step_host_us=host_stats["median"], step_host_p80_us=host_stats["p80"])
 
         # kernels in one step and their summed time
         fwd_bwd()
-        _sync(device)
+        bench.sync(device)
         try:
-            prof = count_launches(opt.step, device)
+            prof = bench.count_launches(opt.step, device)
             row.update(step_launches=prof["launches"], launch_counter=prof["launch_counter"],
                        step_kernel_us=prof["kernel_us"])
         except Exception as e:
-            print(f"  [profiler failed for {provider}: {_env.short_reason(e)}]")
+            print(f"  [profiler failed for {provider}: {bench.short_reason(e)}]")
         opt.zero_grad(set_to_none=True)
         step_us = row.get("step_kernel_us") if cuda else row.get("step_host_us")
         if step_us:
@@ -229,18 +190,17 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
                     fwd_bwd()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                _sync(device)
+                bench.sync(device)
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             trace = Path(args.profile) / f"trace-{args.arch}-{provider}-{device.type}.json"
             prof.export_chrome_trace(str(trace))
             row["trace"] = str(trace)
-    except Unavailable as e:
+    except bench.Unavailable as e:
         row["status"] = f"unavailable: {e}"
     except torch.cuda.OutOfMemoryError as e:
-        row["status"] = f"skipped: out of memory ({_env.short_reason(e, 120)})"
+        row["status"] = f"skipped: out of memory ({bench.short_reason(e, 120)})"
     except Exception as e:
-        row["status"] = (f"unavailable: {_env.short_reason(e)}" if provider == "pilot_cuda"
-                         else f"error: {_env.short_reason(e)}")
+        row["status"] = f"error: {bench.short_reason(e)}"
     finally:
         del model, opt, images, labels
         gc.collect()
@@ -250,43 +210,32 @@ def run_provider(provider: str, args, device: torch.device) -> dict[str, Any]:
 
 
 def evaluate_targets(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """CUDA runs, for the fused backends: training at >= 99% of dense SGD's images per
+    second, and the host cost of ``step()`` <= 50 µs."""
     if device.type != "cuda":
-        return {"status": "owed: no GPU measurement yet (CPU run; targets apply to CUDA runs only)"}
+        return {"status": "CPU run: the training targets apply to CUDA runs"}
     checks = []
     for r in rows:
-        if r["status"] != "ok" or r["provider"] not in ("pilot_triton", "pilot_cuda"):
+        if r["status"] != "ok" or r["provider"] in ("dense", "naive", "pilot_reference"):
             continue
-        if r.get("rel_dense") is not None:
-            checks.append({"target": "training >= 99% of dense img/s", "case": r["provider"],
-                           "value": r["rel_dense"], "pass": r["rel_dense"] >= 0.99})
-        if r.get("step_host_us") is not None:
-            checks.append({"target": f"host step <= 50 us ({r['n_tensors']} tensors)",
-                           "case": r["provider"], "value": r["step_host_us"],
-                           "pass": r["step_host_us"] <= 50.0})
+        checks.append(bench_utils.target("training >= 99% of dense img/s", r["provider"], r.get("rel_dense"),
+                                         0.99, at_most=False))
+        checks.append(bench_utils.target(f"host step <= 50 us ({r['n_tensors']} tensors)", r["provider"],
+                                         r.get("step_host_us"), 50.0, at_most=True))
     return {"status": "measured", "checks": checks}
 
 
-def _f(v: Any, spec: str, width: int) -> str:
-    return f"{v:{spec}}".rjust(width) if isinstance(v, (int, float)) else "-".rjust(width)
-
-
-def format_row(r: dict[str, Any]) -> str:
-    head = f"{r['arch']:<10}{r['provider']:<16}"
-    if r["status"] != "ok":
-        return head + r["status"]
-    return (head + _f(r["img_per_s"], ".1f", 10) + " img/s" + _f(r.get("rel_dense"), ".3f", 7)
-            + _f(r.get("peak_mem_mib"), ".0f", 8) + " MiB" + _f(r.get("step_host_us"), ".1f", 10)
-            + " us host" + _f(r.get("step_gpu_us"), ".1f", 9) + " us gpu"
-            + _f(r.get("step_kernel_us"), ".1f", 9) + " us kern" + _f(r.get("step_launches"), "d", 6)
-            + f" {r.get('launch_counter') or ''}")
+TABLE = (
+    ("arch", "arch", ""), ("provider", "provider", ""), ("img_per_s", "img/s", ".1f"),
+    ("rel_dense", "x dense", ".3f"), ("peak_mem_mib", "peak MiB", ".0f"), ("step_host_us", "host us", ".1f"),
+    ("step_gpu_us", "gpu us", ".1f"), ("step_kernel_us", "kernel us", ".1f"), ("step_launches", "launches", "d"),
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--quick", action="store_true",
-                    help="CI smoke: resnet18 at 32x32, batch 4, 1 warm-up, 2 iterations")
+    bench_utils.add_common_args(ap, "training")
     ap.add_argument("--arch", default=None, help="torchvision model name (default resnet50)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256")
     ap.add_argument("--image-size", type=int, default=None, help="default 224")
@@ -295,8 +244,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 50)")
     ap.add_argument("--host-iters", type=int, default=None,
                     help="CUDA: iterations for the host cost of step() with the device idle (default 20)")
-    ap.add_argument("--providers", default=None, help=f"comma list of {PROVIDERS} (default on CUDA: "
-                    f"{','.join(GPU_DEFAULT)}; on CPU: {','.join(CPU_DEFAULT)})")
+    ap.add_argument("--providers", default=None, help=f"comma list of {PROVIDERS} (default: dense, "
+                    "the backends that run on the device, naive)")
     ap.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--lr", type=float, default=0.1)
@@ -305,10 +254,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="write a torch.profiler chrome trace per provider into DIR")
     ap.add_argument("--profile-iters", type=int, default=3)
-    _env.add_output_args(ap, "training")
     args = ap.parse_args(argv)
 
-    _env.resolve_device(ap, args)
+    bench_utils.resolve_device(ap, args)
     q = args.quick
     defaults = dict(arch=("resnet18", "resnet50"), batch_size=(4, 256), image_size=(32, 224),
                     warmup=(1, 10), iters=(2, 50), host_iters=(5, 20))
@@ -317,8 +265,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, k, quick_v if q else full_v)
     if args.iters < 1:
         ap.error("--iters must be >= 1")
-    on_gpu = args.device.type == "cuda"
-    args.providers = _env.parse_list(args.providers or ",".join(GPU_DEFAULT if on_gpu else CPU_DEFAULT))
+    if args.providers:
+        args.providers = bench_utils.parse_list(args.providers)
+    else:
+        backends = [b for b in bench.native_providers(args.device) if b in BACKENDS]
+        args.providers = ["dense", *(f"pilot_{b}" for b in backends), "naive"]
     for p in args.providers:
         if p not in PROVIDERS:
             ap.error(f"unknown provider {p!r}; choose from {PROVIDERS}")
@@ -330,37 +281,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     device = args.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    env = _env.environment(device)
+    env = environment(device)
     print(f"# bench_training on {env['device_name']} (driver {env['driver']}), torch {env['torch']}, "
           f"commit {str(env['git_commit'])[:12]}{'+dirty' if env['git_dirty'] else ''}")
     print(f"# {args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
           f"amp bf16={args.amp}, channels_last={args.channels_last}, warmup {args.warmup}, iters {args.iters}")
-    if device.type != "cuda":
-        print("# CPU run: a smoke test of the harness, not a measurement")
 
     rows = []
     for provider in args.providers:
         row = run_provider(provider, args, device)
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(bench.table([row], TABLE).splitlines()[-1], flush=True)
     dense = next((r for r in rows if r["provider"] == "dense" and r["status"] == "ok"), None)
     for r in rows:
         if dense and r["status"] == "ok":
             r["rel_dense"] = r["img_per_s"] / dense["img_per_s"]
 
     targets = evaluate_targets(rows, device)
-    stem = args.name or _env.results_stem("training", env, args.quick)
-    arg_record = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
-    paths = _env.write_results(args.out, stem, rows, env=env, args=arg_record, columns=COLUMNS,
-                               extra={"targets": targets})
-    print("# summary (rel_dense = img/s over dense's):")
-    for r in rows:
-        print("#   " + format_row(r))
-    if targets.get("checks"):
-        for c in targets["checks"]:
-            print(f"#   {'PASS' if c['pass'] else 'FAIL'} {c['target']:<36} {c['case']:<14} {c['value']:.3f}")
-    else:
-        print(f"# targets: {targets['status']}")
+    stem = args.name or bench_utils.results_stem("training", env, args.quick)
+    paths = bench_utils.write_results(args.out, stem, rows, env=env, args=args, columns=COLUMNS,
+                                      extra={"targets": targets})
+    print(bench.table(rows, TABLE))
+    bench_utils.print_targets(targets)
     print("# wrote " + ", ".join(str(p) for p in paths.values()))
     return {**paths, "rows": rows, "targets": targets}
 
