@@ -5,7 +5,8 @@ and hold their SASS to the contract of :func:`pilot_kernels.kernels.sass.check`.
   streams with 128-bit accesses; bf16/fp16 variants use >= 64-bit accesses for x and its
   gradient and 128-bit ones for the fp32 state;
 * CUDA twin: every stream has a vector access of those widths;
-* both: no local memory, one atomic instruction per program.
+* both: no local memory, one atomic instruction per program;
+* Triton: no contracted multiply-add and no approximate division in the PTX.
 
 The kernels are compiled once per session in a subprocess (the tests' Triton runs in its
 CPU interpreter, which cannot compile for a GPU), for sm_90 only and for the variants

@@ -24,7 +24,9 @@ its unpredicated data accesses; the masked tail's are predicated (``@P0 LDG.E``)
   least 64-bit ones;
 * CUDA, every instantiation: each stream has a vector access (128-bit for fp32, at least
   64-bit for 16-bit dtypes) in its vector loop;
-* both: no local memory (no spills, no stack), one atomic instruction.
+* both: no local memory (no spills, no stack), one atomic instruction;
+* Triton: no ``fma`` and no approximate division in the PTX (the kernel rounds each
+  operation like the reference).
 
 Run it with ``python benchmarks/inspect_kernels.py --out DIR`` (see ``docs/kernels.md``).
 """
@@ -266,6 +268,10 @@ class KernelReport:
     cubin: str = ""
     streams: tuple = ()         # bytes per element of (read streams, written streams)
     elements_per_thread: int = 0
+    #: Triton only (-1: not inspected): contracted multiply-adds and approximate
+    #: divisions in the PTX, either of which rounds differently from the reference
+    ptx_fma: int = -1
+    ptx_approx_div: int = -1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -391,8 +397,12 @@ def inspect_triton(variants: Iterable[TritonVariant], archs: Iterable[int], out_
             (d / f"{v.name}.ptx").write_text(kernel.asm["ptx"])
             res = parse_res_usage(_run([cuobjdump, "-res-usage", str(cubin)]))
             (fname, sass), = parse_sass(sass_text).items()
-            reports.append(_report("triton", v.name, arch, fname, res.get(fname, {}), sass,
-                                   kernel.metadata.shared, str(cubin), v.streams(), ept))
+            report = _report("triton", v.name, arch, fname, res.get(fname, {}), sass,
+                             kernel.metadata.shared, str(cubin), v.streams(), ept)
+            ptx = kernel.asm["ptx"]
+            report.ptx_fma = len(re.findall(r"\bfma\.", ptx))
+            report.ptx_approx_div = len(re.findall(r"\bdiv\.(?:full|approx)\.", ptx))
+            reports.append(report)
     return reports
 
 
@@ -457,6 +467,11 @@ def check(r: KernelReport) -> list[str]:
                         "could not prove global")
     if r.atomics != 1:
         problems.append(f"{r.atomics} atomic instructions, expected exactly 1 (the block's L1 sum)")
+    if r.ptx_fma > 0:
+        problems.append(f"{r.ptx_fma} fma in the PTX: contracted multiply-adds round unlike the "
+                        "reference (launch with enable_fp_fusion=False)")
+    if r.ptx_approx_div > 0:
+        problems.append(f"{r.ptx_approx_div} approximate divisions in the PTX (use tl.math.div_rn)")
     reads, writes = r.streams
     if "unaligned" in r.variant:
         return problems
