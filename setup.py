@@ -71,6 +71,12 @@ setup(
             "matplotlib>=3.7",
             "pillow>=9",
             "ninja>=1.11",
+            # pilot_kernels.integrations and its tests: timm's optimizer registry (1.0.12),
+            # Trainer(optimizer_cls_and_kwargs=...) (4.47) and the accelerate it needs.
+            "lightning>=2.4",
+            "timm>=1.0.12",
+            "transformers>=4.47",
+            "accelerate>=0.26",
         ],
     },
     ext_modules=ext_modules,
