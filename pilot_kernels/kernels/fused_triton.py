@@ -23,7 +23,9 @@ resulting SASS; ``tests/test_sass.py`` keeps it vectorized.
 
 Exactness.  Launched with FP contraction off (``enable_fp_fusion=False``) and IEEE
 division (``div_rn``), every value is one fp32 torch op of the reference, rounded once,
-in the reference's order: bitwise equal on a GPU as in the CPU interpreter.
+in the reference's order, so a GPU must agree with the reference bit for bit, as the
+CPU interpreter does (the ``gpu``-marked tests compare exactly; ``tests/test_sass.py``
+checks the PTX for ``fma`` and approximate division).
 
 Layout follows Liger-Kernel's ops: constants → ``@triton.jit`` kernels → launcher →
 public wrapper (``pilot_step``, the backend interface of :mod:`pilot_kernels.kernels`).
@@ -44,7 +46,8 @@ from .layout import ALIGNMENT, walkable
 
 # ----------------------------------------------------------------------- constants
 # Elements per program.  The step is memory bound (40 B/element); 2048 fp32 elements
-# with 8 warps give each thread 8 elements per stream, two 16-byte accesses each.
+# with 8 warps give each thread 8 elements per stream: two 4-element vector accesses
+# (16 bytes each for fp32).
 # These values have not yet been tuned by measurement on a GPU.
 BLOCK_SIZE = 2048
 NUM_WARPS = 8
