@@ -207,6 +207,21 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_mixed_gradient_dtypes_one_launch_each(device, monkeypatch):
+    """bf16 parameters, one with a bf16 gradient and one with an fp32 gradient: one
+    launch per gradient dtype, both exact."""
+    calls = _record_launches(monkeypatch)
+    xs, ms, ws = _factors([(BLOCK + 7,), (9, 5)], torch.bfloat16, device)
+    ref = [[t.clone() for t in seq] for seq in (xs, ms, ws)]
+    grads = [torch.randn(BLOCK + 7, device=device).to(torch.bfloat16), torch.randn(9, 5, device=device)]
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True] * 2, workspace={})
+    _step(reference.pilot_step, ref[0], grads, ref[1], ref[2], None, None, [True] * 2)
+    for a, b in zip((xs, ms, ws), ref):
+        _assert_equal(a, b)
+    assert calls == [[(1, True), (1, True)]]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_launch_plan_is_reused_while_nothing_moves(device, monkeypatch):
     """Gradients written in place keep their addresses: after the first-step flags flip,
     the cached plan (table, grid) is reused, and the results still match the reference."""
