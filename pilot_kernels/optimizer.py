@@ -1,11 +1,16 @@
 """The PILoT optimizer: ``x = m ⊙ w`` trained with a time-varying weight decay α_t.
 
 Layout follows ``torch/optim/sgd.py``: the :class:`PILoT` class gathers tensors and
-state, :func:`pilot` is the functional step, and the backends in
-:mod:`pilot_kernels.kernels` do the arithmetic.
+state (``_gather``, torch's ``_init_group``: Dynamo intercepts a method of that name and
+runs it eagerly, so ours has another), :func:`pilot` is the functional step, and the
+backends in :mod:`pilot_kernels.kernels` do the arithmetic.
 """
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -27,47 +32,80 @@ _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
 _SGD_MOMENTUM_KEY = "momentum_buffer"
 # False until a tensor's momentum buffers hold history (SGD's first step: b = d).
 _STARTED = "momentum_started"
+# Group keys the step reads; a change of any of them re-validates the group.
+_HPARAM_KEYS = ("lr", "momentum", "dampening", "nesterov", "alpha", "beta", "weight_decay",
+                "maximize", "reparam", "backend", "capturable")
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
-def _check_hparams(group: dict, tensor_values: bool = True) -> None:
-    """Raise a ValueError naming the fix for any invalid hyperparameter of ``group``.
-
-    ``lr`` and ``alpha`` may be one-element tensors; their values are checked only when
-    ``tensor_values`` (reading a device tensor is a host sync, which ``step`` avoids).
-    """
-    for name in ("lr", "alpha"):
-        v = group[name]
+# ---------------------------------------------------------------------- validation
+def _check_value(group: dict, name: str, tensor_values: bool = True) -> None:
+    """Raise naming the fix if ``group[name]`` is invalid.  ``lr`` and ``alpha`` may be
+    one-element tensors, whose value is read only when ``tensor_values`` (a device
+    tensor read is a host sync, which ``step`` avoids)."""
+    v = group[name]
+    if name in ("nesterov", "maximize", "capturable"):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    elif name == "reparam":
+        if v not in ("auto", True, False) or not isinstance(v, (str, bool)):
+            raise ValueError(f"reparam must be 'auto', True or False, got {v!r}")
+    elif name == "backend":
+        check_backend_name(v)
+    else:
         if isinstance(v, Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"a Tensor {name} must have exactly one element, got shape {tuple(v.shape)}")
+            if name not in ("lr", "alpha"):
+                raise TypeError(f"{name} must be a number, got a Tensor")
+            if v.numel() != 1 or not v.is_floating_point():
+                raise ValueError(f"a Tensor {name} must be one floating-point element, got "
+                                 f"{v.dtype} of shape {tuple(v.shape)}")
             if not tensor_values:
-                continue
+                return
             v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"Invalid {name}: {v}; {name} must be a finite number >= 0")
         if v < 0.0:
-            what = "learning rate" if name == "lr" else name
-            raise ValueError(f"Invalid {what}: {v}; {name} must be >= 0")
-    for name in ("momentum", "beta", "weight_decay", "dampening"):
-        if group[name] < 0.0:
-            raise ValueError(f"Invalid {name}: {group[name]}; {name} must be >= 0")
+            raise ValueError(f"Invalid {name}: {v}; {name} must be >= 0")
+
+
+def _check_hparams(group: dict, tensor_values: bool = True, names: Iterable[str] = _HPARAM_KEYS) -> None:
+    """Raise naming the fix for any invalid hyperparameter of ``group`` among ``names``."""
+    for name in _HPARAM_KEYS:
+        if name not in group:
+            raise KeyError(f"param group has no {name!r}; every PILoT group needs {_HPARAM_KEYS}")
+    for name in names:
+        _check_value(group, name, tensor_values)
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(
             "Nesterov momentum requires a momentum > 0 and zero dampening; "
             "set momentum > 0 and dampening=0, or nesterov=False"
         )
-    if group["reparam"] not in ("auto", True, False):
-        raise ValueError(f"reparam must be 'auto', True or False, got {group['reparam']!r}")
-    check_backend_name(group["backend"])
+
+
+def _hparam_key(group: dict) -> tuple:
+    """The group's hyperparameters as a comparable key.  A tensor enters by identity (the
+    key holds it, so its id cannot be reused): comparing it by value would be a sync."""
+    return tuple((id(v), v) if isinstance(v, Tensor) else v for v in map(group.__getitem__, _HPARAM_KEYS))
+
+
+def _structure_key(group: dict) -> tuple:
+    """What a group's plan depends on, besides its tensors (see ``PILoT._plan``)."""
+    return (group["momentum"] != 0, group["reparam"], group["backend"], group["capturable"])
+
+
+def _sgd_hparams(group: dict) -> dict:
+    """The group's hyperparameters that PILoT shares with torch.optim.SGD."""
+    return {k: group[k] for k in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")}
 
 
 def _wants_reparam(p: Tensor, reparam: Union[str, bool]) -> bool:
     return p.ndim >= 2 if reparam == "auto" else bool(reparam)
 
 
-def _check_param(p: Tensor, reparam: bool) -> None:
+def _check_param(p: Any, reparam: bool) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"optimizer can only optimize Tensors, got {type(p).__name__}")
     if p.is_complex():
         raise TypeError(
             f"PILoT does not support complex parameters (got {p.dtype}); "
@@ -77,22 +115,97 @@ def _check_param(p: Tensor, reparam: bool) -> None:
         raise TypeError(f"PILoT needs floating-point parameters, got {p.dtype}")
     if reparam and p.dtype not in _REPARAM_DTYPES:
         raise TypeError(
-            f"reparameterized tensors must be float32, bfloat16 or float16, got {p.dtype}; "
-            "convert the model (e.g. model.float()) or put the tensor in a group with reparam=False"
+            f"reparameterized tensors must be float32, bfloat16 or float16, got {p.dtype} "
+            f"(shape {tuple(p.shape)}); convert the model (e.g. model.float()) or put the "
+            "tensor in a group with reparam=False"
         )
+
+
+def _group_tensors(param_group: dict) -> list:
+    """The tensors of a not-yet-added group (named or not), as torch will store them."""
+    params = param_group["params"]
+    if isinstance(params, Tensor):
+        return [params]
+    return [p[1] if isinstance(p, tuple) else p for p in params]
+
+
+def _sparse_error(p: Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"PILoT does not support sparse gradients (a tensor of shape {tuple(p.shape)} has one), "
+        "as torch.optim.SGD(fused=True) does not; use dense gradients "
+        "(e.g. nn.Embedding(sparse=False)) or optimize that tensor with torch.optim.SGD"
+    )
+
+
+# ---------------------------------------------------------------------- splitting
+def _represents(x: Tensor, m: Tensor, w: Tensor, beta: float) -> bool:
+    """Whether the factors ``m, w`` still stand for the value ``x`` holds: in every entry
+    either ``m ⊙ w`` rounds to ``x`` (the state a step or a checkpoint left) or ``m, w``
+    is exactly ``split(x)`` (the state of a fresh split, whose product may be an ulp off;
+    splitting again would change nothing).  One device reduction and host sync."""
+    lx, lm, lw = _local(x), _local(m), _local(w)
+    if lm.shape != lx.shape:
+        return False
+    lm, lw = lm.to(lx.device), lw.to(lx.device)
+    sm, sw = split(lx, beta)
+    return bool(((lm * lw).to(lx.dtype).eq(lx) | (sm.eq(lm) & sw.eq(lw))).all())
+
+
+# ---------------------------------------------------------------------- step plans
+@dataclass(eq=False)
+class _Split:
+    """One reparameterized tensor of a plan, with the mark of the optimizer's last write
+    to it: ``x._version`` and ``x.data_ptr()`` (``x`` is the local shard for DTensors)."""
+
+    p: Tensor
+    state: dict
+    version: int = -1
+    ptr: int = -1
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """The reparameterized tensors of one group on one device with one dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    splits: list = field(default_factory=list)
+    workspace: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What a group's step needs besides gradients and state values, kept while nothing
+    moves: its hyperparameters checked, tensors classified and bucketed, backends chosen."""
+
+    params: list
+    n: int
+    hkey: tuple    # _hparam_key when last checked
+    skey: tuple    # _structure_key the plan was built for
+    dense: list    # (p, state) of the tensors SGD updates
+    buckets: list
 
 
 class PILoT(Optimizer):
     r"""PILoT: sparsifying SGD on ``x = m ⊙ w`` with a time-varying weight decay α_t.
 
-    A drop-in replacement for :class:`torch.optim.SGD`.  The model keeps its ordinary
+    A drop-in replacement for :class:`torch.optim.SGD` implementing PILoT (Jacobs &
+    Burkholz, *Mask in the Mirror*, ICLR 2025, §3).  The model keeps its ordinary
     parameters ``x``; for every *reparameterized* tensor the optimizer holds fp32
-    factors ``m, w`` (split from ``x`` at construction so that ``m² − w² = β``) and
-    their momentum buffers, and after each step writes ``x ← m ⊙ w`` back.  The
-    objective is :math:`f(m ⊙ w) + α (‖m‖² + ‖w‖²)`; a decaying α moves the implicit
-    bias from L2 (dense) to L1 (sparse).  With ``β = 0`` and constant α this is spred.
+    factors ``m, w`` and their momentum buffers and trains them on
+    :math:`f(m ⊙ w) + α_t (‖m‖² + ‖w‖²)`, writing ``x ← m ⊙ w`` after each step.  A
+    decaying α_t moves the implicit bias from L2 (dense) to L1 (sparse) (paper §2).
+    With ``β = 0`` and a constant α this is spred.
 
-    One step for a reparameterized tensor, elementwise, in fp32 (spec §3):
+    **Init** (paper §3): a tensor's value ``x`` is split into ``m > 0`` and ``w`` with
+    ``m ⊙ w = x`` and ``m² − w² = β``:
+    :math:`m = \sqrt{(β + \sqrt{β² + 4x²})/2}`, ``w = x / m``.  ``β > 0`` keeps ``m``
+    away from zero so ``x`` can change sign; ``β = 0`` is spred's balanced split, under
+    which it cannot.  The parameter itself is not written: ``m ⊙ w`` rounds back to it
+    within an fp32 ulp (exactly for bf16/fp16), and the first step writes ``m ⊙ w``.
+
+    **Step**, elementwise in fp32, for a reparameterized tensor:
 
     .. math::
         \begin{aligned}
@@ -106,56 +219,89 @@ class PILoT(Optimizer):
         \end{aligned}
 
     Tensors that are not reparameterized (by default those with ``ndim < 2``: biases,
-    norms) follow :class:`torch.optim.SGD` exactly, with the same ``momentum_buffer``
-    state key.
+    norms) follow :class:`torch.optim.SGD` bit for bit, with its ``momentum_buffer``
+    state key (under AMP or ``capturable``: ``SGD(fused=True)``'s kernel).
+
+    Decisions where the paper is silent:
+
+    * **Momentum** is SGD's (heavy ball, dampening τ, Nesterov) applied to ``m`` and
+      ``w`` separately; weight decay λ is plain L2 on ``x = m ⊙ w``.
+    * **The parameters are the truth.**  Anything written into a reparameterized
+      parameter outside :meth:`step` (``load_state_dict``, ``copy_``, ``.data =``,
+      ``nn.init``, pruning, a DDP broadcast, ``model.half()``) is kept: each step first
+      compares each tensor's version counter and address with those recorded after the
+      optimizer's own last write (no device work).  On a change, a tensor that still
+      equals ``m ⊙ w`` bit for bit keeps its factors and momentum (a resume that loads
+      model and optimizer in either order stays exact); any other is split again from
+      its new value with the group's β and starts its momentum afresh, as a tensor
+      added now would (its old velocity belongs to factors that no longer exist).  That
+      comparison is one device reduction and host sync per changed tensor, and happens
+      only when something was written.  A write that moves a tensor to float64 raises.
+    * :meth:`load_state_dict` loads ``m``, ``w`` and momenta and never writes the
+      model; the rule above reconciles the two at the next step.
+    * AMP: a step that ``found_inf`` skips leaves every buffer as it was; a tensor's
+      momentum counts as started afterwards, because telling which step was skipped
+      would need a sync.  Buffers are allocated as zeros, so the next step computes
+      ``b = μ·0 + (1−τ) d``, SGD's ``b = d`` whenever τ = 0.
 
     Args:
-        params: parameters or param groups, as for any optimizer.
-        lr (float): learning rate η.
+        params: parameters, named parameters or param groups, as for any optimizer.
+        lr (float or Tensor): learning rate η.
         momentum (float): μ (default 0.9).
         dampening (float): τ (default 0).
         nesterov (bool): Nesterov momentum (default False).
-        alpha (float): the decay α on ``‖m‖² + ‖w‖²`` (default 0).  May change between
-            any two steps (schedules in :mod:`pilot_kernels.schedules` do this).
-        beta (float): the split ``m² − w² = β`` used when a tensor is added
+        alpha (float or Tensor): the decay α on ``‖m‖² + ‖w‖²`` (default 0).  May change
+            between any two steps (schedules in :mod:`pilot_kernels.schedules` do this).
+        beta (float): the split ``m² − w² = β`` used when a tensor is (re-)split
             (default 1, the paper's PILoT; 0 gives spred).
         weight_decay (float): λ; plain L2 on ``x`` (on ``m ⊙ w`` for reparameterized
             tensors, on ``x`` for the others, as SGD).
         maximize (bool): maximize instead of minimize.
-        reparam ("auto" | bool): which tensors of a group are reparameterized;
-            ``"auto"`` takes those with ``ndim >= 2``.
-        backend ("auto" | "reference" | "triton" | "cuda"): ``auto`` takes the fused
-            Triton kernel for CUDA tensors and the plain-torch reference otherwise; the
-            environment variable ``PILOT_BACKEND`` overrides ``auto``.
+        reparam ("auto" | bool): which tensors of a group are reparameterized, decided
+            when a tensor is added; ``"auto"`` takes those with ``ndim >= 2``.
+        backend ("auto" | "reference" | "triton" | "cuda" | "cpu"): ``auto`` takes the
+            fused Triton kernel for CUDA tensors and the fused C++ one for CPU tensors;
+            the environment variable ``PILOT_BACKEND`` overrides ``auto``.  Resolved
+            when a group's step plan is built, not at every step.
         capturable (bool): keep ``lr`` and ``alpha`` in device tensors and make
-            ``step()`` free of host syncs and host-side decisions, so a whole training
-            step can be captured in a CUDA graph.  Change them in place between replays
-            (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).
+            ``step()`` free of host syncs, so a whole training step can be captured in
+            a CUDA graph.  Change them in place between replays
+            (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).  A
+            replayed graph runs no host code, so writes to parameters between replays
+            are not seen: after one, step once outside the graph and capture again.
         fused_unscale (bool): let ``torch.amp.GradScaler`` pass its scale and inf flag
             to :meth:`step`, to unscale inside the step without a host sync (default
             True); False leaves unscaling to the scaler (see AMP below).  Sets the
             instance's ``_step_supports_amp_scaling``, the attribute torch's GradScaler
             and PyTorch Lightning read.
 
-    State of a reparameterized tensor ``p``: ``state[p]["m"]``, ``state[p]["w"]`` and,
-    when the group has momentum, ``state[p]["momentum_m"]``, ``state[p]["momentum_w"]``;
-    all fp32 and shaped like ``p`` (DTensors like ``p`` under FSDP2).  Other tensors
-    hold SGD's ``momentum_buffer``.  Buffers are allocated (as zeros) when a tensor is
-    added, so a checkpoint template is complete before the first step;
+    Hyperparameters are checked when set: here, in :meth:`add_param_group` and
+    :meth:`load_state_dict`, and at a step whenever a group's value changed since the
+    last check (a schedule writing NaN raises before anything moves).
+
+    State of a reparameterized tensor ``p`` (keys in :attr:`STATE_KEYS`):
+    ``state[p]["m"]``, ``state[p]["w"]`` and, when the group has momentum,
+    ``state[p]["momentum_m"]``, ``state[p]["momentum_w"]``; all fp32 and shaped like
+    ``p`` (DTensors like ``p`` under FSDP2).  Other tensors hold SGD's
+    ``momentum_buffer``.  Buffers are allocated (as zeros) when a tensor is added, so a
+    checkpoint template is complete before the first step;
     ``state[p]["momentum_started"]`` records whether they hold history yet.
 
-    Distributed: under DDP nothing changes.  Under FSDP2 (DTensor parameters) every
-    rank updates its local shard and :meth:`l1_norm` all-reduces over the shards.
+    Distributed: under DDP nothing changes (building DDP after the optimizer is fine:
+    its broadcast is a write, see above).  Under FSDP2 (DTensor parameters) every rank
+    updates its local shard and :meth:`l1_norm` all-reduces over the shards.
 
-    AMP (``torch.amp.GradScaler``): with ``fused_unscale=True`` (the default) the scaler
-    hands ``grad_scale``/``found_inf`` to :meth:`step`, which unscales the gradients
-    inside the fused pass; a step with inf/NaN gradients changes nothing, and nothing is
-    read on the host.  ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to clip the
+    AMP (``torch.amp.GradScaler``): with ``fused_unscale=True`` the scaler hands
+    ``grad_scale``/``found_inf`` to :meth:`step`, which unscales the gradients inside
+    the fused pass; a step with inf/NaN gradients changes nothing, and nothing is read
+    on the host.  ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to clip the
     unscaled gradients) is honoured: the step then only checks ``found_inf``.
     ``fused_unscale=False`` makes the optimizer an ordinary one for the scaler, which
     unscales the gradients itself and skips ``step()`` on inf/NaN (one host sync per
     step); frameworks that clip only such optimizers need it (PyTorch Lightning's
     mixed-precision plugin refuses to clip otherwise).
+
+    Sparse gradients are refused, as by ``torch.optim.SGD(fused=True)``.
 
     Example::
 
@@ -206,27 +352,53 @@ class PILoT(Optimizer):
             capturable=capturable,
         )
         _check_hparams(defaults)
-        # Σ|m ⊙ w| lives in two device slots per device: each step adds into one and
-        # zeroes the other, so the fused kernel needs no extra launch to clear it.
-        # (Capturable groups zero and fill one slot instead: a replayed graph cannot
-        # flip a host-side index.)
+        # Check every group before the first is added (and its tensors are split), so
+        # bad input anywhere changes nothing.
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if params and isinstance(params[0], dict):
+            for g in params:
+                if not isinstance(g, dict):
+                    raise TypeError(f"param groups must be dicts, got {type(g).__name__}")
+                if not isinstance(g.get("params"), (Tensor, set, type(None))):
+                    g["params"] = list(g["params"])  # a generator would be used up here
+                self._check_new_group({**defaults, **g})
+        else:
+            self._check_new_group({**defaults, "params": params})
         self._l1: dict[torch.device, Tensor] = {}
         self._l1_latest: dict[torch.device, int] = {}
-        # Shard dims to all-reduce the local L1 over, when parameters are DTensors.
-        self._l1_groups: list = []
-        # Per (group, device, dtype) scratch space of the fused backends (kernel tables).
-        self._workspaces: dict[tuple, dict] = {}
-        # Whether any parameter is a DTensor: step() then works on local shards.  Asked
-        # once here instead of per tensor per step (the step's host cost is budgeted).
-        self._sharded = False
+        self._derive_private()
         # Per instance, not per class: GradScaler and Lightning read it from the object.
         self._step_supports_amp_scaling = fused_unscale
         super().__init__(params, defaults)
 
+    def _derive_private(self) -> None:
+        """The private attributes that follow from param_groups and state.
+
+        ``_l1``/``_l1_latest``: ``Σ|m ⊙ w|`` lives in two device slots per device; each
+        step adds into one and zeroes the other, so the fused kernel needs no extra
+        launch to clear it (capturable groups zero and fill one slot: a replayed graph
+        cannot flip a host-side index).  They are kept, not derived.
+        """
+        # Step plans per group index (see _plan), dropped whenever what they hold may move,
+        # and the state dict they were built from (load_state_dict replaces it).
+        self._plans: dict[int, _GroupPlan] = {}
+        self._plans_state: Any = None
+        # Per split tensor (by id; the entry holds the tensor, so the id stays unique) the
+        # mark of the optimizer's last write.  A tensor without one is compared with
+        # m ⊙ w at its next step.
+        self._splits: dict[int, _Split] = {}
+        params = [p for g in getattr(self, "param_groups", []) for p in g["params"]]
+        # Whether any parameter is a DTensor: steps then work on local shards.  Asked
+        # when tensors are added, not per tensor per step.
+        self._sharded = any(isinstance(p, DTensor) for p in params)
+        # Shard dims to all-reduce the local L1 over, when parameters are DTensors.
+        self._l1_groups: list = shard_groups(params) if self._sharded else []
+
     # ------------------------------------------------------------------ pickling
     # torch.optim.Optimizer pickles only defaults, state and param_groups; ours adds the
     # AMP choice and the L1 slots, and re-derives the rest (process groups and kernel
-    # plans cannot, or must not, travel).
+    # plans cannot, or must not, travel).  Write marks are not kept: the first step of
+    # a copy compares its parameters with m ⊙ w once.
     _PICKLED = ("_step_supports_amp_scaling", "_l1", "_l1_latest")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -239,47 +411,65 @@ class PILoT(Optimizer):
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self.__dict__.setdefault("_l1", {})
         self.__dict__.setdefault("_l1_latest", {d: 0 for d in self._l1})
-        self._workspaces = {}
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._sharded = any(isinstance(p, DTensor) for p in params)
-        self._l1_groups = shard_groups(params) if self._sharded else []
+        self._derive_private()
 
     # ------------------------------------------------------------------ groups
+    def _check_new_group(self, group: dict) -> None:
+        _check_hparams(group)
+        for p in _group_tensors(group):
+            _check_param(p, isinstance(p, Tensor) and _wants_reparam(p, group["reparam"]))
+
+    @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its reparameterized tensors are split into ``m, w`` now and
-        overwritten with ``m ⊙ w``.  Invalid input raises before anything changes."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        """Add a group; its reparameterized tensors are split into ``m, w`` now (the
+        parameters are not written).  Invalid input raises before anything changes."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if not isinstance(param_group.get("params"), (Tensor, set, type(None))):
+            param_group["params"] = list(param_group["params"])
         merged = {**self.defaults, **param_group}
-        _check_hparams(merged)
-        for p in params:
-            if isinstance(p, Tensor):
-                _check_param(p, _wants_reparam(p, merged["reparam"]))
+        self._check_new_group(merged)
+        # Split before the group is added, so a failure leaves the optimizer as it was.
+        factors = {id(p): split(p, merged["beta"]) for p in _group_tensors(param_group)
+                   if _wants_reparam(p, merged["reparam"])}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["capturable"]:
             self._hparams_to_device(group)
-        with torch.no_grad():
-            for p in group["params"]:
-                self._init_state(p, group)
+        if not self._sharded and any(isinstance(p, DTensor) for p in group["params"]):
+            self._sharded = True
+            self._l1_groups = shard_groups(group["params"])
+        for p in group["params"]:
+            state = self.state[p]
+            if id(p) in factors:
+                self._set_factors(p, state, *factors[id(p)])
+                self._add_to_l1(p, state)
+            if group["momentum"] != 0:
+                self._init_momentum(p, state)
+        self._plans.clear()
+
+    def _set_factors(self, p: Tensor, state: dict, m: Tensor, w: Tensor) -> None:
+        """Make ``m, w = split(p)`` the tensor's factors and take ``p`` as it is now.
+
+        ``p`` is not written: ``m ⊙ w`` rounds back to it within an fp32 ulp, and the
+        next step writes ``m ⊙ w``.  Leaving it keeps every rank's split of the same
+        value identical (DDP broadcasts after the optimizer is built), and keeps a
+        model loaded before the optimizer was built equal to the checkpoint's ``m ⊙ w``.
+        """
+        state["m"], state["w"] = m, w
+        x = _local(p)
+        s = self._splits.get(id(p))
+        if s is None:
+            s = self._splits[id(p)] = _Split(p, state)
+        s.state, s.version, s.ptr = state, x._version, x.data_ptr()
 
     def _hparams_to_device(self, group: dict) -> None:
         """Capturable groups keep lr and alpha as fp32 device tensors (updated in place)."""
-        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        device = _local(group["params"][0]).device if group["params"] else torch.device("cpu")
         for name in ("lr", "alpha"):
             v = group[name]
             if not isinstance(v, Tensor) or v.device != device:
                 group[name] = torch.as_tensor(v, dtype=torch.float32).to(device).reshape(())
-
-    def _init_state(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
-        if _wants_reparam(p, group["reparam"]):
-            m, w = split(p, group["beta"])
-            state["m"], state["w"] = m, w
-            p.copy_(m * w)
-            self._add_to_l1(p, state)
-        if group["momentum"] != 0:
-            self._init_momentum(p, state)
 
     def _init_momentum(self, p: Tensor, state: dict) -> None:
         """Zero momentum buffers (SGD's for plain tensors), not started yet."""
@@ -287,19 +477,20 @@ class PILoT(Optimizer):
             state["momentum_m"] = torch.zeros_like(state["m"])
             state["momentum_w"] = torch.zeros_like(state["w"])
         else:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[_SGD_MOMENTUM_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state[_STARTED] = False
+
+    def _l1_slots(self, device: torch.device) -> Tensor:
+        if device not in self._l1:
+            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
+            self._l1_latest[device] = 0
+        return self._l1[device]
 
     def _add_to_l1(self, p: Tensor, state: dict) -> None:
         """Add ``Σ|m ⊙ w|`` of one tensor's local shard to its device's latest L1 slot."""
         device = _local(p).device
-        if device not in self._l1:
-            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
-            self._l1_latest[device] = 0
-        if isinstance(p, DTensor) and not self._sharded:
-            self._sharded = True
-            self._l1_groups = shard_groups([p])
-        self._l1[device][self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
+        slots = self._l1_slots(device)
+        slots[self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
 
     @staticmethod
     def is_reparameterized(state: dict) -> bool:
@@ -339,17 +530,6 @@ class PILoT(Optimizer):
                     self._add_to_l1(p, state)
 
     # ------------------------------------------------------------------ step
-    def _check_step_inputs(self) -> None:
-        """Every check that can fail, before any tensor is touched."""
-        for group in self.param_groups:
-            _check_hparams(group, tensor_values=False)
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        "PILoT does not support sparse gradients; use dense gradients "
-                        "(e.g. nn.Embedding(sparse=False))"
-                    )
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step.
@@ -361,81 +541,212 @@ class PILoT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not torch.compiler.is_compiling():
-            self._check_step_inputs()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
 
-        # Capturable optimizers zero one L1 slot per device and fill it (see __init__).
+        # Gather every group first: every check runs before any tensor changes.
+        gathered = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+        written = [(gi, s) for gi, g in enumerate(gathered) for s in g[2]]
+        if written:  # parameters were written since our last step (rare; see _adopt_writes)
+            self._adopt_writes(written)
+            gathered = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+
+        # Capturable optimizers zero one L1 slot per device and fill it (_derive_private).
         single_slot = any(g["capturable"] for g in self.param_groups)
-        stepped_devices: set[torch.device] = set()
-        for gi, group in enumerate(self.param_groups):
-            dense, dense_grads, dense_bufs, dense_firsts = [], [], [], []
-            buckets: dict[tuple[torch.device, torch.dtype], dict[str, list]] = {}
-            momentum = group["momentum"] != 0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if momentum and _STARTED not in state:  # momentum switched on later
-                    self._init_momentum(p, state)
-                if not self.is_reparameterized(state):
-                    dense.append(p)
-                    dense_grads.append(p.grad)
-                    if momentum:
-                        dense_bufs.append(state[_SGD_MOMENTUM_KEY])
-                        dense_firsts.append(not state[_STARTED])
-                        state[_STARTED] = True
-                    continue
-                local = _local if self._sharded else _same
-                x = local(p)
-                b = buckets.get((x.device, x.dtype))
-                if b is None:
-                    b = buckets[(x.device, x.dtype)] = {k: [] for k in ("xs", "grads", "ms", "ws", "bms", "bws", "firsts")}
-                b["xs"].append(x)
-                b["grads"].append(local(p.grad))
-                b["ms"].append(local(state["m"]))
-                b["ws"].append(local(state["w"]))
-                if momentum:
-                    b["bms"].append(local(state["momentum_m"]))
-                    b["bws"].append(local(state["momentum_w"]))
-                    b["firsts"].append(not state[_STARTED])
-                    state[_STARTED] = True
-                else:
-                    b["firsts"].append(True)
-
-            if dense:
-                self._sgd_step(group, dense, dense_grads, dense_bufs, dense_firsts, grad_scale, found_inf)
-
-            for (device, dtype), b in buckets.items():
-                latest = self._l1_latest[device]
+        stepped: set[torch.device] = set()
+        for group, (dense, buckets, _) in zip(self.param_groups, gathered):
+            if dense[0]:
+                self._sgd_step(group, *dense, grad_scale, found_inf)
+            for bucket, splits, args in buckets:
+                slots, latest = self._l1[bucket.device], self._l1_latest[bucket.device]
                 if single_slot:
-                    accum, clear = self._l1[device][latest], None
-                    if device not in stepped_devices:
+                    accum, clear = slots[latest], None
+                    if bucket.device not in stepped:
                         accum.zero_()
                 else:
-                    accum, clear = self._l1[device][1 - latest], self._l1[device][latest]
+                    accum, clear = slots[1 - latest], slots[latest]
                 pilot(
-                    b["xs"], b["grads"], b["ms"], b["ws"], b["bms"] or None, b["bws"] or None, b["firsts"],
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
+                    *args,
+                    **_sgd_hparams(group),
                     alpha=group["alpha"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                    backend=group["backend"],
+                    backend=bucket.backend,
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                     l1_accum=accum,
                     l1_clear=clear,
-                    workspace=self._workspaces.setdefault((gi, device, dtype), {}),
+                    workspace=bucket.workspace,
                 )
-                stepped_devices.add(device)
+                stepped.add(bucket.device)
+                self._mark_written(splits, args[0], args[6], group["momentum"] != 0)
         if not single_slot:
-            for device in stepped_devices:
+            for device in stepped:
                 self._l1_latest[device] = 1 - self._l1_latest[device]
         return loss
+
+    def _plan(self, gi: int, group: dict) -> _GroupPlan:
+        """The group's plan, rebuilt only when its tensor list, its structure (momentum
+        on/off, reparam, backend, capturable) or the state dict changed.  A changed
+        hyperparameter value is checked once (a schedule writing NaN raises here)."""
+        plan = self._plans.get(gi)
+        hkey = _hparam_key(group)
+        if plan is not None and plan.hkey != hkey:
+            changed = [n for n, a, b in zip(_HPARAM_KEYS, plan.hkey, hkey) if a != b]
+            _check_hparams(group, tensor_values=False, names=changed)
+            if group["capturable"]:
+                self._hparams_to_device(group)
+                hkey = _hparam_key(group)
+            if plan.skey == _structure_key(group):
+                plan.hkey = hkey
+        if (plan is not None and plan.params is group["params"] and plan.n == len(plan.params)
+                and plan.hkey == hkey and self._plans_state is self.state):
+            return plan
+        if plan is None:
+            _check_hparams(group, tensor_values=False)
+            if group["capturable"]:
+                self._hparams_to_device(group)
+        if self._plans_state is not self.state:
+            self._plans.clear()
+            self._plans_state = self.state
+        plan = self._build_plan(group)
+        if not torch.compiler.is_compiling():
+            self._plans[gi] = plan
+        return plan
+
+    def _build_plan(self, group: dict) -> _GroupPlan:
+        compiling = torch.compiler.is_compiling()
+        momentum = group["momentum"] != 0
+        dense, buckets = [], {}
+        for p in group["params"]:
+            state = self.state[p]
+            if momentum and _STARTED not in state:  # momentum switched on later
+                self._init_momentum(p, state)
+            if not self.is_reparameterized(state):
+                dense.append((p, state))
+                continue
+            x = _local(p)
+            bucket = buckets.get((x.device, x.dtype))
+            if bucket is None:
+                backend = group["backend"]
+                if not compiling:  # resolved here, once per plan, not per step
+                    backend = resolve_backend(backend, x.device)
+                    self._l1_slots(x.device)
+                bucket = buckets[(x.device, x.dtype)] = _Bucket(x.device, x.dtype, backend)
+            s = None if compiling else self._splits.get(id(p))
+            if s is None:
+                s = _Split(p, state)
+                if not compiling:
+                    self._splits[id(p)] = s
+            s.state = state
+            bucket.splits.append(s)
+        return _GroupPlan(group["params"], len(group["params"]), _hparam_key(group),
+                          _structure_key(group), dense, list(buckets.values()))
+
+    def _gather(self, gi: int, group: dict) -> tuple:
+        """Gather the tensors of ``group`` that have a gradient, changing nothing.
+
+        Returns SGD's lists for the plain tensors, ``(bucket, splits, pilot() args)`` per
+        bucket of split tensors, and the split tensors written since the optimizer's own
+        last write (their version counter or address moved; not asked under
+        ``torch.compile``), which are left out of the buckets.
+        """
+        compiling = torch.compiler.is_compiling()
+        plan = self._plan(gi, group)
+        momentum = group["momentum"] != 0
+        params, grads, bufs, firsts = [], [], [], []
+        for p, state in plan.dense:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise _sparse_error(p)
+            params.append(p)
+            grads.append(g)
+            if momentum:
+                bufs.append(state[_SGD_MOMENTUM_KEY])
+                firsts.append(not state[_STARTED])
+        sharded = self._sharded
+        written, buckets = [], []
+        for bucket in plan.buckets:
+            splits, xs, gs, ms, ws, bms, bws, fs = [], [], [], [], [], [], [], []
+            for s in bucket.splits:
+                p = s.p
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise _sparse_error(p)
+                x = _local(p) if sharded else p
+                if not compiling and (x._version != s.version or x.data_ptr() != s.ptr):
+                    written.append(s)
+                    continue
+                state = s.state
+                splits.append(s)
+                xs.append(x)
+                gs.append(_local(g) if sharded else g)
+                ms.append(_local(state["m"]) if sharded else state["m"])
+                ws.append(_local(state["w"]) if sharded else state["w"])
+                if momentum:
+                    bms.append(_local(state["momentum_m"]) if sharded else state["momentum_m"])
+                    bws.append(_local(state["momentum_w"]) if sharded else state["momentum_w"])
+                    fs.append(not state[_STARTED])
+                else:
+                    fs.append(True)
+            if xs:
+                buckets.append((bucket, splits, (xs, gs, ms, ws, bms or None, bws or None, fs)))
+        return (params, grads, bufs, firsts), buckets, written
+
+    def _mark_written(self, splits: list, xs: list, firsts: list, momentum: bool) -> None:
+        """After a bucket's step: its momentum has started, and the versions after the
+        write are the new marks (a backend may or may not bump them)."""
+        if momentum:
+            for s, first in zip(splits, firsts):
+                if first:
+                    s.state[_STARTED] = True
+        if not torch.compiler.is_compiling():
+            for s, x in zip(splits, xs):
+                s.version = x._version
+
+    # ------------------------------------------------------------------ writes
+    @torch.no_grad()
+    def _adopt_writes(self, written: list) -> None:
+        """Take over the values written into split tensors since our last write.
+
+        A tensor that still holds ``m ⊙ w`` exactly keeps its factors and momentum (it
+        follows a device move); any other is split again from its value with the group's
+        β and starts its momentum afresh.  One device comparison (a host sync) per
+        tensor that was written; every check runs before any change.
+        """
+        for _, s in written:
+            x = _local(s.p)
+            if x.dtype not in _REPARAM_DTYPES:
+                raise TypeError(
+                    f"a reparameterized parameter of shape {tuple(x.shape)} is now {x.dtype} "
+                    "(model.double()?); PILoT splits float32, bfloat16 or float16 tensors: "
+                    "convert the model back (e.g. model.float()), or build the optimizer "
+                    "with reparam=False for it"
+                )
+            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "a parameter was written since PILoT's last step and cannot be adopted "
+                    "while a CUDA graph is being captured; run one step outside the graph "
+                    "after writing parameters, then capture"
+                )
+        for gi, s in written:
+            group, p, state = self.param_groups[gi], s.p, s.state
+            x = _local(p)
+            if _represents(p, state["m"], state["w"], group["beta"]):
+                if _local(state["m"]).device != x.device:  # a device move: the state follows
+                    for k in _FACTOR_KEYS + _MOMENTUM_KEYS:
+                        if k in state:
+                            state[k] = state[k].to(x.device)
+                s.version, s.ptr = x._version, x.data_ptr()
+            else:
+                self._set_factors(p, state, *split(p, group["beta"]))
+                if group["momentum"] != 0:
+                    self._init_momentum(p, state)
+            # The plan (and with it the fused backends' launch plans, which hold the old
+            # factors' addresses) is rebuilt.
+            self._plans.pop(gi, None)
 
     def _sgd_step(self, group, params, grads, bufs, firsts, grad_scale, found_inf) -> None:
         """torch.optim.SGD's own step for the tensors that are not split.
@@ -448,103 +759,155 @@ class PILoT(Optimizer):
         own buffers: torch's fused path would allocate ``empty_like`` buffers for a
         first step and leave them uninitialised when ``found_inf`` skips it.
         """
-        amp = grad_scale is not None or found_inf is not None
-        if amp or (group["capturable"] and not torch.compiler.is_compiling()):
-            _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf)
-            return
         momentum = group["momentum"] != 0
-        sgd_bufs = [None if first else b for b, first in zip(bufs, firsts)] if momentum else [None] * len(params)
-        # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports every
-        # group as capturable: the single-tensor loop compiles instead.
         compiling = torch.compiler.is_compiling()
-        _sgd_functional(
-            params,
-            grads,
-            sgd_bufs,
-            foreach=False if compiling else None,
-            fused=False if compiling else None,
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            lr=group["lr"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
+        if grad_scale is not None or found_inf is not None or (group["capturable"] and not compiling):
+            _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf)
+        else:
+            sgd_bufs = [None if first else b for b, first in zip(bufs, firsts)] if momentum else [None] * len(params)
+            # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports
+            # every group as capturable: the single-tensor loop compiles instead.
+            _sgd_functional(
+                params,
+                grads,
+                sgd_bufs,
+                foreach=False if compiling else None,
+                fused=False if compiling else None,
+                **_sgd_hparams(group),
+            )
+            if momentum:  # SGD made new buffers for first steps
+                for p, buf, first in zip(params, sgd_bufs, firsts):
+                    if first:
+                        self.state[p][_SGD_MOMENTUM_KEY] = buf
         if momentum:
-            for p, buf in zip(params, sgd_bufs):
-                self.state[p][_SGD_MOMENTUM_KEY] = buf
+            for p, first in zip(params, firsts):
+                if first:
+                    self.state[p][_STARTED] = True
 
     # ------------------------------------------------------------------ state_dict
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`.
 
         ``m``, ``w`` and their momentum buffers stay fp32 whatever the parameters'
-        dtype (``torch.optim.Optimizer`` would cast them to it), and every
-        reparameterized parameter is overwritten with ``m ⊙ w`` so the model and the
-        optimizer agree.  A state_dict that does not match the parameters raises a
-        ValueError before anything changes.
+        dtype (``torch.optim.Optimizer`` would cast them to it).  The model's
+        parameters are never written: at the next step a tensor that equals the loaded
+        ``m ⊙ w`` (the model was loaded from the same checkpoint, before or after)
+        keeps the loaded state, any other is split again from its own value.
+
+        Load pre-hooks see, and may replace, the whole state dict (factors included);
+        post-hooks see the loaded state.  Group keys missing from an older checkpoint
+        take this optimizer's defaults.  A state dict that does not fit raises a
+        ValueError and leaves the optimizer as it was.
         """
-        self._check_loadable(state_dict)
-        ours_keys = _FACTOR_KEYS + _MOMENTUM_KEYS
-        ours: dict[Any, dict[str, Tensor]] = {}
-        plain_state: dict[Any, dict[str, Any]] = {}
-        for k, s in state_dict["state"].items():
-            plain_state[k] = {n: v for n, v in s.items() if n not in ours_keys}
-            ours[k] = {n: v for n, v in s.items() if n in ours_keys}
-        super().load_state_dict({**state_dict, "state": plain_state})
-
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        id_to_param = dict(zip(saved_ids, params))
-        with torch.no_grad():
-            for k, tensors in ours.items():
-                if not tensors:
-                    continue
-                p = id_to_param[k]
-                state = self.state[p]
-                for n, v in tensors.items():
-                    state[n] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                p.copy_(state["m"] * state["w"])
-            for group in self.param_groups:
-                if group["capturable"]:
-                    self._hparams_to_device(group)
-        self._workspaces.clear()
+        state_dict = dict(state_dict)  # shallow copy, as torch does
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups = self._loaded(state_dict)
+        # Nothing has changed so far; commit.
+        self.state, self.param_groups = state, groups
+        self._derive_private()
         self.refresh_l1_()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+    def _loaded(self, state_dict: dict[str, Any]) -> tuple:
+        """The state and param groups ``state_dict`` describes, built without touching
+        the optimizer; raises a ValueError naming the mismatch."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("an optimizer state_dict is a dict with 'state' and 'param_groups'; "
+                             "pass the dict opt.state_dict() returned")
+        groups, saved_groups = self.param_groups, deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups but the optimizer has "
                 f"{len(groups)}; build the optimizer with the same groups as the saved one"
             )
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if not isinstance(sg, dict) or "params" not in sg:
+                raise ValueError(f"param group {i} of the state_dict has no 'params'")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"param group {i} has {len(g['params'])} tensors but the state_dict's has "
                     f"{len(sg['params'])}; the model or its grouping differs from the saved one"
                 )
-        params = [p for g in groups for p in g["params"]]
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid, {})
-            ours_now = self.is_reparameterized(self.state[p])
-            theirs = "m" in saved
-            if ours_now != theirs:
+        id_map = {pid: p for g, sg in zip(groups, saved_groups) for pid, p in zip(sg["params"], g["params"])}
+        new_groups = []
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            new = {**self.defaults, **sg, "params": g["params"]}  # missing keys: our defaults
+            if "param_names" in g and "param_names" not in sg:
+                new["param_names"] = g["param_names"]
+            try:
+                _check_hparams(new)
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"param group {i} of the state_dict is invalid: {e}") from e
+            new_groups.append(new)
+
+        state: defaultdict = defaultdict(dict)
+        for key, saved in state_dict["state"].items():
+            if key in id_map:
+                p = id_map[key]
+                state[p] = self._loaded_tensor_state(key, p, saved, state_dict["param_groups"])
+            elif isinstance(key, int):
                 raise ValueError(
-                    f"tensor {pid} (shape {tuple(p.shape)}) is "
-                    f"{'' if theirs else 'not '}reparameterized in the state_dict but "
-                    f"{'' if ours_now else 'not '}in this optimizer; use the same reparam setting"
+                    f"state_dict has state for tensor id {key}, which none of its param "
+                    "groups lists; the state_dict is damaged or from another optimizer"
                 )
-            for n in _FACTOR_KEYS + _MOMENTUM_KEYS + ("momentum_buffer",):
-                v = saved.get(n)
-                if isinstance(v, Tensor) and v.shape != p.shape:
-                    raise ValueError(
-                        f"state_dict entry {n!r} of tensor {pid} has shape {tuple(v.shape)} but the "
-                        f"parameter has shape {tuple(p.shape)}; the model differs from the saved one"
-                    )
-            if theirs and "w" not in saved:
-                raise ValueError(f"state_dict entry of tensor {pid} has 'm' but no 'w'")
+            else:
+                state[key] = saved  # not a parameter's state: kept as is, as torch does
+        for new in new_groups:
+            for p in new["params"]:
+                if p not in state:
+                    if self.is_reparameterized(self.state.get(p, {})):
+                        raise ValueError(
+                            f"state_dict has no state for a reparameterized tensor of shape "
+                            f"{tuple(p.shape)}; it needs at least 'm' and 'w'"
+                        )
+                    state[p] = {}
+                if new["momentum"] != 0 and _STARTED not in state[p]:
+                    self._init_momentum(p, state[p])  # as when a tensor is added
+            if new["capturable"]:
+                self._hparams_to_device(new)
+        return state, new_groups
+
+    def _loaded_tensor_state(self, pid: Any, p: Tensor, saved: Any, saved_groups: list) -> dict:
+        if not isinstance(saved, dict):
+            raise ValueError(f"state of tensor {pid} must be a dict, got {type(saved).__name__}")
+        ours_now = self.is_reparameterized(self.state.get(p, {}))
+        theirs = "m" in saved
+        if ours_now != theirs:
+            raise ValueError(
+                f"tensor {pid} (shape {tuple(p.shape)}) is "
+                f"{'' if theirs else 'not '}reparameterized in the state_dict but "
+                f"{'' if ours_now else 'not '}in this optimizer; use the same reparam setting"
+            )
+        if theirs and "w" not in saved:
+            raise ValueError(f"state_dict entry of tensor {pid} has 'm' but no 'w'")
+        if theirs and ("momentum_m" in saved) != ("momentum_w" in saved):
+            raise ValueError(f"state_dict entry of tensor {pid} has only one of 'momentum_m' and 'momentum_w'")
+        out = {}
+        for n, v in saved.items():
+            if not isinstance(v, Tensor):
+                out[n] = deepcopy(v)
+                continue
+            if n in _FACTOR_KEYS + _MOMENTUM_KEYS + (_SGD_MOMENTUM_KEY,) and v.shape != p.shape:
+                raise ValueError(
+                    f"state_dict entry {n!r} of tensor {pid} has shape {tuple(v.shape)} but the "
+                    f"parameter has shape {tuple(p.shape)}; the model differs from the saved one"
+                )
+            if n in _FACTOR_KEYS + _MOMENTUM_KEYS:
+                # Factors and their momenta are fp32 whatever the parameter's dtype.
+                device = v.device if isinstance(v, DTensor) else _local(p).device
+                out[n] = v.detach().to(device=device, dtype=torch.float32, copy=True)
+            else:  # as torch.optim.Optimizer.load_state_dict does
+                out[n] = Optimizer._process_value_according_to_param_policy(p, v, pid, saved_groups, n)
+        if _STARTED not in out:  # older checkpoints: a saved buffer meant started
+            keys = _MOMENTUM_KEYS if theirs else (_SGD_MOMENTUM_KEY,)
+            if all(k in out for k in keys):
+                out[_STARTED] = True
+        return out
 
 
 def pilot(
@@ -633,12 +996,7 @@ def _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_
                 tensors[0],
                 tensors[1],
                 tensors[2] if momentum else [],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
+                **_sgd_hparams(group),
                 is_first_step=is_first,
                 grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),

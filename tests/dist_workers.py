@@ -55,6 +55,26 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def ddp_after_optimizer_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """The Accelerate order: each rank builds its own model (another seed per rank) and
+    optimizer, then DDP, whose broadcast of rank 0's weights is a write to PILoT."""
+    _init(rank, init_file)
+    model = model_fn(seed=rank)
+    opt = PILoT(model.parameters(), **HPARAMS)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    broadcast = [p.detach().clone() for p in model.parameters()]
+    lr = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = 0.0  # one step that keeps the weights: they must stay rank 0's
+    train(ddp, opt, batches(1), rank, WORLD)
+    kept = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = lr
+    train(ddp, opt, batches(), rank, WORLD)
+    torch.save({"broadcast": broadcast, "kept": kept, "params": [p.detach() for p in model.parameters()],
+                "state": [{k: v for k, v in opt.state[p].items()} for p in model.parameters()]},
+               os.path.join(out_dir, f"ddp_after{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def _sharded(seed: int = 0):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

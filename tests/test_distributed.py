@@ -29,6 +29,20 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
     torch.testing.assert_close(ranks[0]["l1"], ref["l1"], rtol=1e-5, atol=1e-5)
 
 
+def test_ddp_built_after_the_optimizer_keeps_the_broadcast_and_ranks_agree(tmp_path):
+    """DDP's broadcast of rank 0's weights is kept (not overwritten by each rank's own
+    m·w), and rank 1, splitting the broadcast value, holds rank 0's factors bit for bit."""
+    r0, r1 = _spawn(W.ddp_after_optimizer_worker, tmp_path, "ddp_after")
+    for a, b, k in zip(r0["broadcast"], r1["broadcast"], r1["kept"]):
+        assert torch.equal(a, b) and torch.equal(k, b)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    for sa, sb in zip(r0["state"], r1["state"]):
+        assert sa.keys() == sb.keys()
+        for key, v in sa.items():
+            assert torch.equal(v, sb[key]) if torch.is_tensor(v) else v == sb[key], key
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="FSDP2 on CPU is exercised on Linux")
 def test_fsdp2_shards_state_all_reduces_l1_and_round_trips_dcp(tmp_path):
     ranks = _spawn(W.fsdp2_worker, tmp_path, "fsdp")
