@@ -114,6 +114,13 @@ def test_torch_amp_unscale_clip_step_matches_the_same_done_by_hand():
     assert_same_training(model.parameters(), opt, hand.parameters(), hand_opt, exact=False)
 
 
+def test_readme_param_groups_snippet():
+    model = _mlp()
+    opt = run_snippet("opt = PILoT(param_groups(model)", model=model)["opt"]
+    assert [(g["reparam"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [(True, 5e-5, 2),
+                                                                                             (False, 0.0, 4)]
+
+
 # ------------------------------------------------------------------------------ Lightning
 def _tiny_classification(n=24, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -220,6 +227,46 @@ def test_lightning_mid_epoch_resume_is_exact(tmp_path):
     assert full_sched.last_epoch == 3
 
 
+def test_lightning_step_interval_counts_optimizer_steps_and_callback_errors(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch", reason=REASON.format("lightning"))
+    from types import SimpleNamespace
+
+    from pilot_kernels import AdaptiveAlpha, HarmonicAlpha
+    from pilot_kernels.integrations.lightning import AlphaSchedule
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return PILoT(param_groups(self), lr=0.1, alpha=1e-3)
+
+    schedule = AlphaSchedule(lambda opt: HarmonicAlpha(opt), interval="step", sparsity_thresholds=())
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[schedule])
+    trainer.fit(Net(), torch.utils.data.DataLoader(_tiny_classification(), batch_size=4))
+    assert trainer.global_step == 3 and schedule.scheduler.last_epoch == 3  # 6 batches, 2 per step
+    assert trainer.optimizers[0].param_groups[0]["alpha"] == pytest.approx(1e-3 / 4)
+
+    # Errors that say what to fix, before training starts.
+    opt = PILoT(param_groups(_mlp()), lr=0.1, alpha=1e-3)
+    fake = SimpleNamespace(optimizers=[opt], global_step=0)
+    with pytest.raises(ValueError, match="monitor="):
+        AlphaSchedule(lambda o: AdaptiveAlpha(o, total_epochs=3)).on_fit_start(fake, None)
+    with pytest.raises(ValueError, match="exactly one PILoT"):
+        AlphaSchedule(HarmonicAlpha).on_fit_start(SimpleNamespace(optimizers=[], global_step=0), None)
+    with pytest.raises(ValueError, match="interval"):
+        AlphaSchedule(HarmonicAlpha, interval="batch")
+    with pytest.raises(TypeError, match="lambda opt"):
+        AlphaSchedule(HarmonicAlpha(opt))
+
+
 # ----------------------------------------------------------------------------------- timm
 def _tiny_vit():
     timm = pytest.importorskip("timm", reason=REASON.format("timm"))
@@ -304,3 +351,9 @@ def test_hf_readme_snippet_and_exact_resume_from_a_mid_epoch_checkpoint(tmp_path
     resumed_opt = getattr(resumed.optimizer, "optimizer", resumed.optimizer)
     assert_same_training(trainer.model.parameters(), opt, resumed.model.parameters(), resumed_opt)
     assert schedule_of(resumed).state_dict() == sched.state_dict()
+
+    from pilot_kernels import AdaptiveAlpha
+
+    with pytest.raises(TypeError, match="AdaptiveAlpha needs the epoch's training accuracy"):
+        AlphaScheduleCallback(lambda o: AdaptiveAlpha(o, total_epochs=2)).on_train_begin(
+            None, None, None, optimizer=PILoT(param_groups(_mlp()), lr=0.1, alpha=1e-3))

@@ -559,6 +559,20 @@ def test_deepcopy_of_optimizer_and_of_scheduler():
     assert [e["state"]["last_epoch"] for e in saved] == [2]
 
 
+def test_pickled_scheduler_drives_and_saves_its_own_optimizer():
+    import pickle
+
+    _, opt = make_optimizer()
+    sched = GeometricAlpha(opt, p=0.5)
+    sched.step()
+    clone = pickle.loads(pickle.dumps(sched))  # torch.save(sched) pickles the same way
+    clone.step()
+    assert sched.last_epoch == 1 and clone.last_epoch == 2
+    assert close(group_alphas(clone.optimizer), [a / 4 for a in ALPHA0])
+    saved = clone.optimizer.state_dict()["param_groups"][0]["alpha_schedulers"]
+    assert [e["state"]["last_epoch"] for e in saved] == [2]
+
+
 @pytest.mark.parametrize("flatten", [False, True])
 def test_torch_distributed_checkpoint_round_trip(tmp_path, flatten):
     """get/set_optimizer_state_dict + dcp.save/load (single process): the schedule comes
