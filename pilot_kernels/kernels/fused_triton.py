@@ -107,16 +107,21 @@ def _store(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, first, scale,
+def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first, scale,
                   lr, momentum, one_minus_dampening, two_alpha, weight_decay,
                   HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                   HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                   MASKED: tl.constexpr):
     """One block of the update; returns its ``Σ|m·w|``.  Each line is one fp32 op of
-    :func:`pilot_kernels.kernels.reference.pilot_step`, in the same order."""
-    g = _load(g_ptrs, mask, MASKED).to(tl.float32)
-    m = _load(m_ptrs, mask, MASKED)
-    w = _load(w_ptrs, mask, MASKED)
+    :func:`pilot_kernels.kernels.reference.pilot_step`, in the same order.  With
+    ``MASKED``, only lanes in ``mask`` are read and written, and none when ``skip``
+    (AMP found inf/NaN: the sum is then over the unchanged ``m·w``)."""
+    read = mask
+    if MASKED:
+        mask = mask & (skip == 0)   # lanes written
+    g = _load(g_ptrs, read, MASKED).to(tl.float32)
+    m = _load(m_ptrs, read, MASKED)
+    w = _load(w_ptrs, read, MASKED)
     if HAS_GRAD_SCALE:
         g = tl.math.div_rn(g, scale)        # IEEE division; `/` is approximate on GPUs
     if MAXIMIZE:
@@ -126,8 +131,8 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, first,
     d_m = g * w + two_alpha * m            # both from the old m, w
     d_w = g * m + two_alpha * w
     if HAS_MOMENTUM:
-        b_m = _load(bm_ptrs, mask, MASKED)
-        b_w = _load(bw_ptrs, mask, MASKED)
+        b_m = _load(bm_ptrs, read, MASKED)
+        b_w = _load(bw_ptrs, read, MASKED)
         b_m = tl.where(first, d_m, momentum * b_m + one_minus_dampening * d_m)
         b_w = tl.where(first, d_w, momentum * b_w + one_minus_dampening * d_w)
         _store(bm_ptrs, b_m, mask, MASKED)
@@ -148,9 +153,11 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, first,
     else:
         x_out = x.to(x_ptrs.dtype.element_ty)
     _store(x_ptrs, x_out, mask, MASKED)
-    l1 = tl.abs(x)
-    if MASKED:  # lanes past the end computed from zeros; keep them out of the sum
-        l1 = tl.where(mask, l1, 0.0)
+    if MASKED:
+        # Skipped: the unchanged m·w; lanes past the end (computed from zeros): nothing.
+        l1 = tl.where(read, tl.abs(tl.where(skip, m * w, x)), 0.0)
+    else:
+        l1 = tl.abs(x)
     return tl.sum(l1, axis=0)
 
 
@@ -244,24 +251,25 @@ def _pilot_step_kernel(
     if HAS_GRAD_SCALE:
         scale = _scalar(grad_scale_ptr)
 
+    full = n_left >= BLOCK
     skip = False
     if HAS_FOUND_INF:
         # AMP: with inf/NaN gradients nothing is written (NaN != 0 skips, as the
         # reference's found_inf.ne(0)), but Σ|m·w| of the unchanged factors is still
-        # accumulated so the L1 norm stays "as of the last step".
+        # accumulated so the L1 norm stays "as of the last step".  A skipped step takes
+        # the masked path with every write masked off (a third copy of the block that
+        # loads only m and w took 128 registers instead of 80 on sm_90, fp32 with
+        # momentum).
         skip = _scalar(found_inf_ptr) != 0
-    if skip:
-        m = tl.load(m_ptrs, mask=mask, other=0.0)
-        w = tl.load(w_ptrs, mask=mask, other=0.0)
-        l1 = tl.sum(tl.abs(m * w), axis=0)
-    elif n_left >= BLOCK:   # a full block: no masks, so the accesses can be vectors
-        l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, first, scale,
-                           lr, momentum, one_minus_dampening, two_alpha, weight_decay,
+        full = full & (skip == 0)
+    if full:   # a full block: no masks, so the accesses can be vectors
+        l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first,
+                           scale, lr, momentum, one_minus_dampening, two_alpha, weight_decay,
                            HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
                            MASKED=False)
-    else:                   # the tensor's last, partial block
-        l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, first, scale,
-                           lr, momentum, one_minus_dampening, two_alpha, weight_decay,
+    else:      # the tensor's last, partial block, or a skipped step
+        l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first,
+                           scale, lr, momentum, one_minus_dampening, two_alpha, weight_decay,
                            HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
                            MASKED=True)
     tl.atomic_add(l1_accum_ptr, l1, sem="relaxed")
