@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-# Every option of spec §3 that changes the arithmetic.  Kept small but covering each
+# Every option of the PILoT step that changes the arithmetic.  Kept small but covering each
 # branch of the update at least once together with momentum on and off.
 OPTION_GRID = [
     dict(momentum=m, nesterov=n, dampening=d, weight_decay=wd, maximize=mx, alpha=a)

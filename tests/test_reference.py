@@ -1,4 +1,4 @@
-"""The reference backend against torch.optim.SGD and against spec §3 written out by hand."""
+"""The reference backend against torch.optim.SGD and against the update written out by hand."""
 import pytest
 import torch
 
@@ -31,9 +31,9 @@ def test_plain_tensors_match_sgd(opts):
     assert_same_state(opt_a, ours, opt_b, theirs, exact=True)
 
 
-def _spec_update(x, m, w, b_m, b_w, g, *, lr, momentum, dampening, nesterov, alpha, weight_decay,
+def _by_hand(x, m, w, b_m, b_w, g, *, lr, momentum, dampening, nesterov, alpha, weight_decay,
                  maximize, first):
-    """Spec §3, one line per equation, in float64."""
+    """The update of the PILoT docstring, one line per equation, in float64."""
     if maximize:
         g = -g
     g = g + weight_decay * m * w
@@ -51,7 +51,7 @@ def _spec_update(x, m, w, b_m, b_w, g, *, lr, momentum, dampening, nesterov, alp
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
-def test_reparam_matches_spec(opts, beta):
+def test_reparam_matches_the_update_by_hand(opts, beta):
     shapes = [(4, 3), (2, 3, 5)]
     torch.manual_seed(1)
     params = [torch.randn(s, requires_grad=True) for s in shapes]
@@ -59,21 +59,21 @@ def test_reparam_matches_spec(opts, beta):
     opt = PILoT(params, lr=0.05, beta=beta, backend="reference", **opts)
 
     # The hand-written model of the same run, in float64.
-    spec = []
+    hand = []
     for x0 in init:
         m, w = (t.double() for t in split(x0, beta))
-        spec.append(dict(m=m, w=w, b_m=torch.zeros_like(m), b_w=torch.zeros_like(m)))
+        hand.append(dict(m=m, w=w, b_m=torch.zeros_like(m), b_w=torch.zeros_like(m)))
     l1 = None
     for step, grads in enumerate(_grads(shapes, STEPS, seed=2)):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
         l1 = 0.0
-        for s, g in zip(spec, grads):
-            x, s["m"], s["w"], s["b_m"], s["b_w"] = _spec_update(
+        for s, g in zip(hand, grads):
+            x, s["m"], s["w"], s["b_m"], s["b_w"] = _by_hand(
                 None, s["m"], s["w"], s["b_m"], s["b_w"], g.double(), lr=0.05, first=step == 0, **opts)
             l1 += x.abs().sum().item()
-    for p, s in zip(params, spec):
+    for p, s in zip(params, hand):
         st = opt.state[p]
         for key, ref in (("m", s["m"]), ("w", s["w"])):
             assert st[key].dtype == torch.float32

@@ -75,8 +75,8 @@ def test_capturable_reads_lr_and_alpha_on_device_without_sync(backend, monkeypat
                 def no_sync(*a, **k):
                     raise AssertionError("step() read a tensor on the host")
                 with monkeypatch.context() as mp:
-                    mp.setattr(torch.Tensor, "item", no_sync)
-                    mp.setattr(torch.Tensor, "__bool__", no_sync)
+                    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu"):
+                        mp.setattr(torch.Tensor, name, no_sync)
                     opt.step()
             else:
                 opt.step()

@@ -1,6 +1,6 @@
 """Plain-torch PILoT step: the CPU path and the oracle every other backend is tested against.
 
-One function, :func:`pilot_step`, performs spec §3 for a list of reparameterized tensors
+One function, :func:`pilot_step`, performs the PILoT step (paper §3) for a list of reparameterized tensors
 that share one param group.  It is written for clarity first: every line is one line
 of the update equations in the :class:`~pilot_kernels.PILoT` docstring, in fp32, per
 tensor.  The fused backends (Triton, CUDA) implement exactly the same signature.
