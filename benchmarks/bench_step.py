@@ -159,6 +159,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "(default 50; 5 quick; 0 skips it)")
     ap.add_argument("--temp-log2", type=int, default=None, help="tensor of 2^k elements for peak temporaries "
                     "(default 26; 16 quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch.set_num_threads for the run (default: torch's own, one per core)")
     ap.add_argument("--no-temp", dest="temp", action="store_false", help="skip the peak-temporaries measurement")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip counting launches")
     args = ap.parse_args(argv)
@@ -191,8 +193,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = args.device
-    env = environment(device)
-    print(f"# bench_step on {env['device_name']} ({env['cpu_count']} CPUs), torch {env['torch']}, "
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {**environment(device), "torch_threads": torch.get_num_threads()}
+    print(f"# bench_step on {env['device_name']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads), "
+          f"torch {env['torch']}, "
           f"triton {env['triton']}, commit {str(env['git_commit'])[:12]}{'+dirty' if env['git_dirty'] else ''}")
 
     rows: list[dict[str, Any]] = []

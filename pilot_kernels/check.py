@@ -52,7 +52,7 @@ SPEED_TABLE = (
     ("gbps", "GB/s", ".1f"), ("pct_copy", "%copy", ".1f"), ("launches", "launches", "d"),
 )
 CORRECTNESS_TABLE = (
-    ("backend", "backend", ""), ("dtype", "dtype", ""), ("verdict", "verdict", ""),
+    ("backend", "backend", ""), ("device", "device", ""), ("dtype", "dtype", ""), ("verdict", "verdict", ""),
     ("worst", "worst tensor", ""), ("max_ulps", "max ulps", "d"),
 )
 
@@ -161,15 +161,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shrunk = bench.shrink_shapes(full, 32)
 
     # ---------------------------------------------------------------- backends
+    # Each backend is checked on the device, or else on the CPU (the cpu backend on a GPU
+    # machine); a backend that runs on neither is reported with the reason.
     backends: dict[str, dict[str, Any]] = {}
     for b in args.backends:
-        try:
-            bench.check_available(b, device)
-            interpreted = b == "triton" and device.type != "cuda"
-            backends[b] = {"status": "ok", "interpreted": interpreted,
+        for where in dict.fromkeys([device, torch.device("cpu")]):
+            try:
+                bench.check_available(b, where)
+            except bench.Unavailable as e:
+                reason = e
+                continue
+            interpreted = b == "triton" and where.type != "cuda"
+            backends[b] = {"status": "ok", "device": str(where), "interpreted": interpreted,
                            "shapes": "resnet50/32" if interpreted or args.quick else "resnet50"}
-        except bench.Unavailable as e:
-            backends[b] = {"status": f"needs a GPU: {e}" if "CUDA" in str(e) else f"unavailable: {e}"}
+            break
+        else:
+            backends[b] = {"status": f"needs a GPU: {reason}" if "CUDA" in str(reason) else f"unavailable: {reason}"}
     print(f"backend='auto' picks {resolve_backend('auto', device)!r} here")
 
     # ---------------------------------------------------------------- correctness
@@ -180,9 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         shapes = shrunk if info["shapes"] == "resnet50/32" else full
         for dtype in args.dtypes:
-            row = {"backend": b, "dtype": bench.dtype_name(dtype), "shapes": info["shapes"]}
+            row = {"backend": b, "device": info["device"], "dtype": bench.dtype_name(dtype), "shapes": info["shapes"]}
             try:
-                row.update(compare_with_reference(b, shapes, dtype, device))
+                row.update(compare_with_reference(b, shapes, dtype, torch.device(info["device"])))
                 row["verdict"] = ("bitwise" if row["max_ulps"] == 0 else
                                   "ok" if row["max_ulps"] <= args.max_ulps else f"FAIL (> {args.max_ulps} ulps)")
                 failed |= row["max_ulps"] > args.max_ulps
