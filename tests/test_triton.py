@@ -360,6 +360,22 @@ def test_a_copied_workspace_holds_no_plan():
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autograd_sees_the_step_write_the_parameter(device, backend):
+    """As with torch's optimizers: backward through a graph that saved a parameter
+    the step has since overwritten raises, whichever backend wrote it."""
+    x = torch.randn(BLOCK + 1, device=device, requires_grad=True)
+    opt = PILoT([x], lr=0.1, reparam=True, backend=backend)
+    x.grad = torch.randn_like(x)
+    y = (x * x).sum()
+    version = x._version
+    opt.step()
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_gradient_dtype_is_refused_before_any_write(device):
     xs, ms, ws = _factors([(5,)], torch.float32, device)
     before = [t.clone() for t in xs + ms + ws]
