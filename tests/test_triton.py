@@ -376,6 +376,22 @@ def test_autograd_sees_the_step_write_the_parameter(device, backend):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lr_and_alpha_as_tensors(device, dtype):
+    """lr and alpha given as 0-dim tensors (float64 too) step exactly as the reference."""
+    xs, ms, ws = _factors([(BLOCK + 3,), (5,)], torch.float32, device)
+    ref = [[t.clone() for t in seq] for seq in (xs, ms, ws)]
+    grads = [torch.randn_like(m) for m in ms]
+    kw = dict(lr=torch.tensor(0.1, dtype=dtype, device=device), momentum=0.0, dampening=0.0,
+              nesterov=False, alpha=torch.tensor(3e-2, dtype=dtype, device=device),
+              weight_decay=0.0, maximize=False)
+    fused_triton.pilot_step(xs, grads, ms, ws, None, None, [True] * 2, **kw)
+    reference.pilot_step(ref[0], grads, ref[1], ref[2], None, None, [True] * 2, **kw)
+    for a, b in zip((xs, ms, ws), ref):
+        _assert_equal(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bad_gradient_dtype_is_refused_before_any_write(device):
     xs, ms, ws = _factors([(5,)], torch.float32, device)
     before = [t.clone() for t in xs + ms + ws]

@@ -428,9 +428,22 @@ def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
                  tuple(map(_data_ptr, (*xs, *grads))), _LayoutGuard((*xs, *grads)))
 
 
+def _scalar_arg(v, device: torch.device):
+    """A hyperparameter as the kernel takes it: a float, or an fp32 tensor on the
+    parameters' device that the kernel reads (capturable mode; no host sync).  A tensor
+    elsewhere (a CPU scalar) is read on the host, as torch reads a CPU scalar tensor."""
+    if not isinstance(v, Tensor):
+        return float(v), False
+    if v.device != device:
+        return float(v), False
+    return (v if v.dtype == torch.float32 else v.to(torch.float32)), True
+
+
 def _launch(plan: _Plan, xs, grads, ms, ws, bms, bws, *, lr, momentum, dampening, nesterov,
             alpha, weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear) -> None:
-    lr_on_device, alpha_on_device = isinstance(lr, Tensor), isinstance(alpha, Tensor)
+    device = xs[0].device
+    lr, lr_on_device = _scalar_arg(lr, device)
+    alpha, alpha_on_device = _scalar_arg(alpha, device)
     has_momentum = bms is not None
     if l1_clear is not None and l1_clear.data_ptr() == l1_accum.data_ptr():
         l1_clear.zero_()  # one slot for both: clear first, then add (as the reference)
@@ -449,10 +462,10 @@ def _launch(plan: _Plan, xs, grads, ms, ws, bms, bws, *, lr, momentum, dampening
             found_inf if found_inf is not None else l1_accum,
             l1_accum,
             clear if clear is not None else l1_accum,
-            lr if lr_on_device else float(lr),
+            lr,
             float(momentum),
             1.0 - float(dampening),
-            alpha if alpha_on_device else float(alpha),
+            alpha,
             float(weight_decay),
             LR_ON_DEVICE=lr_on_device,
             ALPHA_ON_DEVICE=alpha_on_device,
