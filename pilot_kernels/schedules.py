@@ -24,8 +24,9 @@ travels for lr schedulers), so whatever saves and restores the optimizer (a plai
   ``resume=False`` starts the schedule afresh.
 
 What is restored is the progress (``last_epoch``, the α0s, AdaptiveAlpha's previous
-accuracy and L1); the settings (``p``, ``total_epochs``, ``delta``, ``l1_threshold``) are
-the ones the scheduler is built with.  A saved schedule of another class is not applied
+accuracy and L1, TargetSparsity's best accuracy and last share); the settings (``p``,
+``total_epochs``, ``delta``, ``l1_threshold``, ``target``, ...) are the ones the scheduler
+is built with.  A saved schedule of another class is not applied
 (a warning says so).  :meth:`~AlphaScheduler.load_state_dict` still loads everything,
 like ``lr_scheduler``'s.  With ``torch.distributed.checkpoint``, which loads only what the
 template asks for, build the scheduler before taking the template.
@@ -53,6 +54,11 @@ Adaptive schedule (paper Algorithm 1): :class:`AdaptiveAlpha`, stepped once per 
 with the epoch's training accuracy.  It scales α by δ or 1/δ, so it needs α0 > 0 (an α
 of 0 could never grow) and a finite δ >= 1; it refuses anything else with a message
 that says what to pass.
+
+Target sparsity (ours, beyond the paper): :class:`TargetSparsity` steers α towards a
+model that prunes well at a chosen sparsity, reading :func:`prunable_share`, the share
+of ``Σ|x|`` held by the smallest ``target`` fraction of the reparameterized entries (a
+measure that does not depend on the model's size or scale, unlike Algorithm 1's ``K``).
 """
 from __future__ import annotations
 
@@ -63,8 +69,11 @@ import weakref
 from numbers import Real
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .dtensor import all_reduce_over_shards_, local, shard_groups
 
 __all__ = [
     "AlphaScheduler",
@@ -73,6 +82,8 @@ __all__ = [
     "QuadraticAlpha",
     "GeometricAlpha",
     "AdaptiveAlpha",
+    "TargetSparsity",
+    "prunable_share",
 ]
 
 
@@ -360,7 +371,15 @@ def _finite_real(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_alpha0_positive(optimizer: Optimizer) -> None:
+def _check_total_epochs(total_epochs: Any) -> None:
+    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(
+            f"Invalid total_epochs: {total_epochs!r}; pass the number of training epochs T "
+            "(the number of periods step() will be called), an int >= 1"
+        )
+
+
+def _check_alpha0_positive(optimizer: Optimizer, who: str = "AdaptiveAlpha scales α by δ or 1/δ") -> None:
     """Raise if every group that holds reparameterized tensors has α = 0: ·δ keeps it 0."""
     is_split = getattr(optimizer, "is_reparameterized", None)
     groups = optimizer.param_groups
@@ -369,7 +388,7 @@ def _check_alpha0_positive(optimizer: Optimizer) -> None:
         groups = split or groups
     if groups and all(float(g["alpha"]) == 0.0 for g in groups):
         raise ValueError(
-            "AdaptiveAlpha scales α by δ or 1/δ, and every group with reparameterized tensors "
+            f"{who}, and every group with reparameterized tensors "
             "has α = 0, which can never grow; build PILoT with alpha > 0 (the paper starts "
             "at 7e-6 to 7e-5 on ImageNet) or use a static schedule"
         )
@@ -431,11 +450,7 @@ class AdaptiveAlpha(AlphaScheduler):
         resume: bool = True,
     ) -> None:
         _check_alpha_optimizer(optimizer)
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(
-                f"Invalid total_epochs: {total_epochs!r}; pass the number of training epochs T, "
-                "an int >= 1"
-            )
+        _check_total_epochs(total_epochs)
         if not _finite_real(delta) or not delta >= 1.0:
             raise ValueError(
                 f"Invalid delta: {delta!r}; delta must be a finite number >= 1 (α grows by ·δ "
@@ -499,3 +514,296 @@ class AdaptiveAlpha(AlphaScheduler):
         if not math.isfinite(acc):
             raise ValueError(f"train_acc must be finite, got {acc}; check the accuracy computation")
         return acc
+
+
+# ---------------------------------------------------------------------- target sparsity
+# prunable_share bins |x| by the top bits of its fp32 bit pattern, which for a number
+# >= 0 orders like its value: the 8 exponent bits and the first _SHARE_MANTISSA_BITS
+# mantissa bits.  Every bin spans a relative width of at most 2^-7 whatever the scale of
+# the weights, so the measure's error bound is scale free too.  Exponents outside
+# [2^-64, 2^64) share the first or the last bin (their counts and sums stay exact).
+_SHARE_MANTISSA_BITS = 7
+_SHARE_EXP_LO, _SHARE_EXP_HI = -64, 64
+_SHARE_BINS = (_SHARE_EXP_HI - _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS  # 16384
+#: Relative error bound of :func:`prunable_share` (one bin's relative width, for power 1).
+SHARE_REL_ERROR = 2.0 ** -_SHARE_MANTISSA_BITS
+
+
+def _share_tensors(source: Any) -> list[Tensor]:
+    """The tensors :func:`prunable_share` measures: an optimizer's reparameterized ones
+    (PILoT's ``is_reparameterized`` state), or the given tensors."""
+    if isinstance(source, Optimizer):
+        is_split = getattr(source, "is_reparameterized", None)
+        if not callable(is_split):
+            raise TypeError(
+                f"{type(source).__name__} does not mark reparameterized tensors; pass a "
+                "pilot_kernels.PILoT optimizer, or the tensors to measure (e.g. the model's weights)"
+            )
+        tensors = [p for g in source.param_groups for p in g["params"]
+                   if is_split(source.state.get(p, {}))]  # .get: state is a defaultdict
+        if not tensors:
+            raise ValueError(
+                f"the {type(source).__name__} reparameterizes no tensor (reparam=False, or no "
+                "tensor with ndim >= 2), so there are no weights whose sparsity α drives"
+            )
+        return tensors
+    if isinstance(source, Tensor):
+        return [source]
+    tensors = list(source)
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError("pass a PILoT optimizer, a tensor or a non-empty iterable of tensors")
+    return tensors
+
+
+def _check_fraction(name: str, value: Any, hint: str) -> float:
+    if not _finite_real(value) or not 0.0 < value < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r}; it must be a fraction strictly between 0 and 1 ({hint})")
+    return float(value)
+
+
+@torch.no_grad()
+def _share_histogram(x: Tensor, power: int) -> Tensor:
+    """``(2, B)`` float64 on ``x``'s device: the count and ``Σ|x|^power`` of ``x``'s
+    entries in each magnitude bin.  Deterministic with ``torch.use_deterministic_algorithms``
+    (integer bincount and a 1-D ``scatter_add_``); no host sync."""
+    a = x.detach().abs().float().flatten().contiguous()
+    # Bit pattern of a float >= 0: exponent field · 2^23 + mantissa, monotone in the value.
+    # NaN has exponent 255 and lands in the last bin; its sum makes the total NaN.
+    key = a.view(torch.int32) >> (23 - _SHARE_MANTISSA_BITS)
+    key = (key - ((127 + _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS)).clamp_(0, _SHARE_BINS - 1).long()
+    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=a.device)
+    hist[0] = torch.bincount(key, minlength=_SHARE_BINS)
+    weight = a.double()
+    hist[1].scatter_add_(0, key, weight if power == 1 else weight.square_())
+    return hist
+
+
+@torch.no_grad()
+def prunable_share(source: Any, target: float, power: int = 1) -> Tensor:
+    r"""Share of ``Σ|x|^power`` held by the smallest ``target`` fraction of the entries.
+
+    With :math:`|x|_{(1)} \le \dots \le |x|_{(n)}` the magnitudes of all ``n`` entries of
+    the measured tensors together (one global ranking, as :func:`pilot_kernels.prune_`
+    with ``scope="global"``) and :math:`k = \operatorname{round}(\text{target} \cdot n)`:
+
+    .. math::
+        s = \frac{\sum_{i \le k} |x|_{(i)}^{\,q}}{\sum_{i \le n} |x|_{(i)}^{\,q}}
+        \qquad (q = \text{power};\ s = 0 \text{ when every entry is } 0)
+
+    ``s`` is what one-shot magnitude pruning to ``target`` removes, as a fraction of the
+    weights' L1 norm (``power=1``) or squared L2 norm (``power=2``): 0 for a model that
+    prunes losslessly, ``target`` for one whose entries are all equal.  It is a ratio of
+    two sums over the same entries, so it does not change when the weights are scaled
+    and does not grow with the number of parameters.
+
+    Computed from a histogram of the magnitudes with bins of relative width
+    ``SHARE_REL_ERROR = 2^-7`` (the fp32 exponent and 7 mantissa bits; 16,384 bins):
+    counts and ``Σ|x|^q`` per bin, then the bin holding the ``k``-th entry, of whose
+    ``j`` entries still needed the bin's mean is taken.  That mean is off by less than
+    one bin width, so :math:`|\hat s - s| \le 2^{-7} s` for ``power=1``
+    (:math:`(2^{-7} + 2^{-14})\, s` for ``power=2``); exact when the entries of that bin
+    are equal.  Cost: one pass over the entries (a bincount and a ``scatter_add_``, per
+    tensor, with temporaries of one tensor's size in fp32/int64/fp64), a few ops on the
+    16,384 bins, and no host sync: the result is a 0-dim float64 tensor on the first
+    tensor's device.  Under FSDP2 (DTensor parameters) each rank bins its local shards
+    and the ``2 × 16,384`` histogram (256 KiB) is all-reduced over the shard dims, one
+    collective: every rank gets the value a single process gets for the whole tensors
+    (call it on every rank).  Under DDP the tensors are replicated and no collective runs.
+
+    Args:
+        source: a :class:`pilot_kernels.PILoT` (its reparameterized tensors, whose values
+            ``x = m ⊙ w`` are the parameters), or a tensor or iterable of tensors.
+        target: the sparsity, a fraction in ``(0, 1)``.
+        power: 1 (share of the L1 norm, default) or 2 (of the squared L2 norm).
+
+    Returns:
+        ``s`` as a 0-dim float64 tensor; NaN when an entry is NaN or infinite.
+    """
+    target = _check_fraction("target", target, "0.9 measures the 90% smallest entries")
+    if power not in (1, 2) or isinstance(power, bool):
+        raise ValueError(f"Invalid power: {power!r}; pass 1 (share of Σ|x|) or 2 (share of Σx²)")
+    tensors = _share_tensors(source)
+    device = local(tensors[0]).device
+    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=device)
+    for t in tensors:
+        hist += _share_histogram(local(t), power).to(device, non_blocking=True)
+    counts, sums = all_reduce_over_shards_(hist, shard_groups(tensors))
+    n = sum(t.numel() for t in tensors)  # a DTensor's numel is the whole tensor's
+    k = round(target * n)
+    cum = counts.cumsum(0)
+    # The bin holding the k-th smallest entry: the first whose cumulative count reaches k.
+    b = torch.searchsorted(cum, torch.full((1,), float(k), dtype=torch.float64, device=device))
+    b = b.clamp_(max=_SHARE_BINS - 1)
+    before = torch.arange(_SHARE_BINS, device=device) < b
+    needed = k - torch.where(before, counts, 0).sum()
+    in_bin = counts[b].clamp(min=1)  # needed == 0 where the bin is empty (k == 0)
+    taken = torch.where(before, sums, 0).sum() + needed * sums[b].squeeze(0) / in_bin.squeeze(0)
+    total = sums.sum()
+    share = torch.where(total > 0, taken / torch.where(total > 0, total, 1.0), 0.0)
+    return torch.where(torch.isfinite(total), share, math.nan)
+
+
+class TargetSparsity(AlphaScheduler):
+    r"""Steer α so that the model prunes well at a chosen sparsity (ours, beyond the paper).
+
+    Call :meth:`step` once per period (an epoch, or every ``N`` optimizer steps: the
+    caller's choice) with the period's training accuracy :math:`a_k`.  It reads
+    :math:`s_k` = :func:`prunable_share` ``(optimizer, target)``, the share of
+    :math:`\sum|x|` that pruning the smallest ``target`` fraction of the reparameterized
+    entries would remove, and with :math:`\hat a_{k-1} = \max_{i<k} a_i`
+    (:math:`\hat a_0 = 0`), :math:`T` = ``total_epochs`` periods and
+    :math:`D = \lfloor \text{decay\_start} \cdot T \rfloor`:
+
+    .. math::
+        α \leftarrow
+        \begin{cases}
+            α \cdot g & \text{if } k \le D,\ s_k > τ \text{ and } a_k \ge (1 - ε)\, \hat a_{k-1}
+                        \quad \text{(not prunable yet, accuracy holds: push)} \\
+            α / h     & \text{if } k \le D \text{ otherwise}
+                        \quad \text{(target met, or accuracy fell: ease off)} \\
+            α \cdot d & \text{if } k > D \quad \text{(decay, whatever } s_k, a_k)
+        \end{cases}
+
+    with ``grow`` :math:`g > 1`, ``shrink`` :math:`h > 1`, ``decay``
+    :math:`0 < d < 1`, ``tolerance`` :math:`τ` and ``acc_tolerance`` :math:`ε`.  Every
+    group's α is multiplied by the same factor, so groups keep their ratios.  Like
+    Algorithm 1, it grows α while training goes well and decays it geometrically at the
+    end, so :math:`\sum_k α_k < ∞` as the convergence theorem needs (paper Theorem 2.2:
+    :math:`\int_0^∞ α_t\,dt < ∞`); calls beyond ``T`` keep decaying.  In the control
+    phase α settles where the smallest ``target`` fraction holds about ``τ`` of the L1
+    norm while the accuracy stays within ``ε`` of the best seen.
+
+    Why no tuning per model: Algorithm 1 grows α while :math:`\sum|x| > K`, and
+    :math:`\sum|x| \approx n\, \mathbb{E}|x|` grows with the parameter count ``n`` and
+    the weights' scale, so ``K`` must be chosen per model (the paper uses 8000 on CIFAR
+    and 2e4–6e4 on ImageNet).  :math:`s_k` is a ratio of two sums over the same
+    entries: it does not change when every weight is scaled by ``c`` or when the model
+    has more entries drawn from the same distribution, and :math:`τ` reads directly as
+    "one-shot pruning to ``target`` removes at most ``τ`` of the weights' L1 mass".  The
+    factors are multiplicative, so α0 only needs to be positive: the controller finds
+    the scale (a factor ``g`` per period).  The accuracy test is
+    relative too (:math:`ε = 0.01` allows a 1% relative drop, whether accuracies are
+    given in 0..1 or 0..100).
+
+    Cost per :meth:`step`: one :func:`prunable_share` (one pass over the
+    reparameterized entries, no host sync) and one host sync to read it; under FSDP2 one
+    all-reduce of 256 KiB.  Under DDP pass the accuracy averaged over the ranks (the
+    same number on every rank), so that every rank takes the same decision.
+
+    Args:
+        optimizer (Optimizer): a :class:`pilot_kernels.PILoT` with α > 0 in a group
+            that holds reparameterized tensors (a multiplicative rule cannot leave 0).
+        target (float): the sparsity to aim at, in ``(0, 1)``, e.g. 0.9.
+        total_epochs (int): ``T``, the number of periods :meth:`step` will be called.
+        tolerance (float): ``τ`` in ``(0, 1)`` (default 0.02), the share of ``Σ|x|``
+            the pruned entries may hold.
+        grow (float): ``g > 1`` (default 1.5).  α acts with a lag (the factors keep
+            shrinking for a while after α is lowered), so a large ``g`` overshoots: on
+            the tiny MLP of ``tests/test_target_sparsity.py`` (8 steps per period, seeds
+            0–3), ``g = h = 2`` left two seeds at 73% and 78% held-out accuracy where
+            ``g = h = 1.5`` reached 91.8–93.9%.
+        shrink (float): ``h > 1`` (default 1.5).
+        decay (float): ``d`` in ``(0, 1)`` (default 0.5), the factor per period after ``D``.
+        decay_start (float): fraction of ``T`` in ``(0, 1]`` after which α decays
+            (default 0.75; Algorithm 1 uses 0.5).
+        acc_tolerance (float): ``ε`` in ``[0, 1)`` (default 0.01), the relative drop
+            from the best accuracy that still counts as holding.
+        last_epoch (int): as for :class:`AlphaScheduler`.
+        resume (bool): as for :class:`AlphaScheduler`.
+
+    Attributes:
+        best_acc (float): :math:`\hat a_k`, 0 before the first step.
+        last_share (float | None): :math:`s_k` read by the last step.
+        last_action (str | None): ``"grow"``, ``"shrink"`` or ``"decay"``.
+
+    Example::
+
+        >>> sched = TargetSparsity(opt, target=0.9, total_epochs=40)
+        >>> for epoch in range(40):
+        ...     train_acc = train_one_epoch(model, opt)
+        ...     sched.step(train_acc)
+        ...     print(epoch, sched.get_last_alpha(), sched.last_share)
+        >>> pilot_kernels.prune_(model, opt, sparsity=0.9)
+    """
+
+    _SETTINGS = ("target", "total_epochs", "tolerance", "grow", "shrink", "decay",
+                 "decay_start", "acc_tolerance")
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        target: float,
+        total_epochs: int,
+        *,
+        tolerance: float = 0.02,
+        grow: float = 1.5,
+        shrink: float = 1.5,
+        decay: float = 0.5,
+        decay_start: float = 0.75,
+        acc_tolerance: float = 0.01,
+        last_epoch: int = -1,
+        resume: bool = True,
+    ) -> None:
+        _check_alpha_optimizer(optimizer)
+        self.target = _check_fraction("target", target, "the sparsity to aim at, e.g. 0.9")
+        _check_total_epochs(total_epochs)
+        self.tolerance = _check_fraction(
+            "tolerance", tolerance, "the share of Σ|x| pruning may remove, e.g. 0.02")
+        for name, value in (("grow", grow), ("shrink", shrink)):
+            if not _finite_real(value) or not value > 1.0:
+                raise ValueError(f"Invalid {name}: {value!r}; it must be a finite factor > 1 (default 1.5)")
+        self.decay = _check_fraction("decay", decay, "α's factor per period in the decay phase, e.g. 0.5")
+        if not _finite_real(decay_start) or not 0.0 < decay_start <= 1.0:
+            raise ValueError(
+                f"Invalid decay_start: {decay_start!r}; pass the fraction of total_epochs after "
+                "which α decays, in (0, 1] (1: no decay phase)"
+            )
+        if not _finite_real(acc_tolerance) or not 0.0 <= acc_tolerance < 1.0:
+            raise ValueError(
+                f"Invalid acc_tolerance: {acc_tolerance!r}; pass the relative accuracy drop that "
+                "still counts as holding, in [0, 1) (0.01: 1%)"
+            )
+        _check_alpha0_positive(optimizer, "TargetSparsity scales α up and down")
+        _share_tensors(optimizer)  # refuses an optimizer with nothing to measure
+        self.total_epochs = total_epochs
+        self.grow, self.shrink = float(grow), float(shrink)
+        self.decay_start = float(decay_start)
+        self.acc_tolerance = float(acc_tolerance)
+        self.best_acc = 0.0
+        self.last_share: Optional[float] = None
+        self.last_action: Optional[str] = None
+        self._multiplier = 1.0  # set by step() for the duration of one _advance()
+        super().__init__(optimizer, last_epoch, resume=resume)
+
+    def _compute_alphas(self) -> list[float]:
+        return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
+
+    def decide(self, share: float, acc: float) -> str:
+        """The rule alone: ``"grow"``, ``"shrink"`` or ``"decay"`` for period
+        ``k = last_epoch + 1`` with share ``s_k`` and accuracy ``a_k``; changes nothing."""
+        k = self.last_epoch + 1
+        if k > math.floor(self.decay_start * self.total_epochs):
+            return "decay"
+        holds = acc >= (1.0 - self.acc_tolerance) * self.best_acc
+        return "grow" if share > self.tolerance and holds else "shrink"
+
+    def step(self, train_acc: Union[float, Tensor]) -> None:  # type: ignore[override]
+        """End period ``k = last_epoch + 1`` with its training accuracy ``train_acc`` (a
+        number or a one-element tensor, any scale used consistently)."""
+        acc = AdaptiveAlpha._to_float(train_acc)
+        share = float(prunable_share(self.optimizer, self.target))  # the one host sync
+        if not math.isfinite(share):
+            raise ValueError(
+                "prunable_share is NaN: a reparameterized weight is NaN or infinite; the run "
+                "has diverged (lower the learning rate or α); α was not changed"
+            )
+        action = self.decide(share, acc)
+        self._multiplier = {"grow": self.grow, "shrink": 1.0 / self.shrink, "decay": self.decay}[action]
+        try:
+            self._advance()
+        finally:
+            self._multiplier = 1.0
+        self.best_acc = max(self.best_acc, acc)
+        self.last_share = share
+        self.last_action = action
+        self._publish()

@@ -134,3 +134,40 @@ def fsdp2_worker(rank: int, init_file: str, out_dir: str) -> None:
     result["l1_resumed"] = (opt.l1_norm(), fresh_opt.l1_norm())
     torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
     dist.destroy_process_group()
+
+
+# TargetSparsity: its measure and decisions under DDP (replicated) and FSDP2 (sharded).
+TARGET = dict(target=0.6, total_epochs=4, tolerance=0.05)
+TARGET_ACCS = (0.5, 0.7, 0.6)  # the same on every rank, as a trainer's all-reduced accuracy
+
+
+def _drive_target(model, opt, rank: int, world: int) -> dict:
+    from pilot_kernels.schedules import TargetSparsity, prunable_share
+
+    sched = TargetSparsity(opt, **TARGET)
+    shares = []
+    for i, acc in enumerate(TARGET_ACCS):
+        train(model, opt, batches(seed=10 + i), rank, world)
+        shares.append(prunable_share(opt, TARGET["target"]))
+        sched.step(acc)
+    return {"shares": torch.stack(shares), "state": sched.state_dict(),
+            "alphas": [g["alpha"] for g in opt.param_groups]}
+
+
+def target_sparsity_reference() -> dict:
+    model = model_fn()
+    opt = PILoT(model.parameters(), **HPARAMS)
+    result = _drive_target(model, opt, 0, 1)
+    result["weights"] = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    return result
+
+
+def target_sparsity_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _init(rank, init_file)
+    ddp = nn.parallel.DistributedDataParallel(model_fn())
+    result = {"ddp": _drive_target(ddp, PILoT(ddp.parameters(), **HPARAMS), rank, WORLD)}
+    model, opt = _sharded()
+    result["fsdp"] = _drive_target(model, opt, rank, WORLD)
+    result["fsdp_local_numel"] = model[0].weight.to_local().numel()
+    torch.save(result, os.path.join(out_dir, f"target{rank}.pt"))
+    dist.destroy_process_group()

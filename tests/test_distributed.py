@@ -57,3 +57,27 @@ def test_fsdp2_shards_state_all_reduces_l1_and_round_trips_dcp(tmp_path):
         torch.testing.assert_close(*r["l1_resumed"])
     assert torch.equal(ranks[0]["l1"], ranks[1]["l1"])
     assert torch.equal(ranks[0]["m_full"], ranks[1]["m_full"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FSDP2 on CPU is exercised on Linux")
+def test_target_sparsity_agrees_across_ranks_under_ddp_and_fsdp2(tmp_path):
+    """Replicated (DDP): both ranks measure the same share and take the same decisions.
+    Sharded (FSDP2): one all-reduce of the histogram gives every rank the share a single
+    process computes over the whole tensors, so α moves identically everywhere."""
+    from pilot_kernels.schedules import SHARE_REL_ERROR
+
+    ranks = _spawn(W.target_sparsity_worker, tmp_path, "target")
+    ref = W.target_sparsity_reference()
+    assert ranks[0]["fsdp_local_numel"] == 4 * 6  # uneven shards: rank 0 holds 4 of 7 rows
+    for mode in ("ddp", "fsdp"):
+        r0, r1 = ranks[0][mode], ranks[1][mode]
+        assert torch.equal(r0["shares"], r1["shares"]), mode
+        assert r0["state"] == r1["state"] and r0["alphas"] == r1["alphas"], mode
+        torch.testing.assert_close(r0["shares"], ref["shares"], rtol=1e-5, atol=0.0)
+        assert r0["state"]["last_action"] == ref["state"]["last_action"]
+        assert r0["alphas"] == pytest.approx(ref["alphas"], rel=1e-12), mode
+    # And the single-process value is the whole model's share (not one shard's).
+    a = torch.cat([w.abs().double().flatten() for w in ref["weights"]]).sort().values
+    exact = (a[: round(W.TARGET["target"] * a.numel())].sum() / a.sum()).item()
+    assert abs(ref["shares"][-1].item() - exact) <= SHARE_REL_ERROR * exact
+    assert ref["alphas"] != [W.HPARAMS["alpha"]]  # the controller moved α

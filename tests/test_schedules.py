@@ -14,6 +14,7 @@ from pilot_kernels.schedules import (
     GeometricAlpha,
     HarmonicAlpha,
     QuadraticAlpha,
+    TargetSparsity,
 )
 
 ALPHA0 = (1e-3, 4e-2)  # two groups with different α0: schedules must keep each group's own
@@ -396,6 +397,11 @@ SCHEDULES = {
     "geometric": (lambda opt, **kw: GeometricAlpha(opt, p=0.7, **kw), lambda s, acc: s.step()),
     "adaptive": (
         lambda opt, **kw: AdaptiveAlpha(opt, total_epochs=6, delta=1.5, l1_threshold=1.0, **kw),
+        lambda s, acc: s.step(acc),
+    ),
+    # Reads the real weights: grows, shrinks on the accuracy drops of ACCS, then decays.
+    "target": (
+        lambda opt, **kw: TargetSparsity(opt, 0.5, 6, tolerance=0.05, decay_start=0.5, **kw),
         lambda s, acc: s.step(acc),
     ),
 }
