@@ -230,13 +230,15 @@ class PILoT(Optimizer):
       parameter outside :meth:`step` (``load_state_dict``, ``copy_``, ``.data =``,
       ``nn.init``, pruning, a DDP broadcast, ``model.half()``) is kept: each step first
       compares each tensor's version counter and address with those recorded after the
-      optimizer's own last write (no device work).  On a change, a tensor that still
-      equals ``m ⊙ w`` bit for bit keeps its factors and momentum (a resume that loads
-      model and optimizer in either order stays exact); any other is split again from
-      its new value with the group's β and starts its momentum afresh, as a tensor
-      added now would (its old velocity belongs to factors that no longer exist).  That
-      comparison is one device reduction and host sync per changed tensor, and happens
-      only when something was written.  A write that moves a tensor to float64 raises.
+      optimizer's own last write (no device work).  On a change, a tensor whose
+      factors still stand for its value (in every entry ``m ⊙ w`` rounds to it, or
+      ``m, w`` is exactly its split) keeps its factors and momentum: a resume that
+      loads model and optimizer in any order stays exact.  Any other is split again
+      from its new value with the group's β and starts its momentum afresh, as a
+      tensor added now would (its old velocity belongs to factors that no longer
+      exist).  That comparison is one device reduction and host sync per changed
+      tensor, and happens only when something was written.  A write that moves a
+      tensor to float64 raises.
     * :meth:`load_state_dict` loads ``m``, ``w`` and momenta and never writes the
       model; the rule above reconciles the two at the next step.
     * AMP: a step that ``found_inf`` skips leaves every buffer as it was; a tensor's
@@ -676,6 +678,11 @@ class PILoT(Optimizer):
                 if g.is_sparse:
                     raise _sparse_error(p)
                 x = _local(p) if sharded else p
+                # The write check: with the version re-read in _mark_written, 31 µs per
+                # step for ResNet-50's 54 split tensors on a shared 2-core CPU under load
+                # (timeit, no kernel); torch.optim.SGD(fused=True)'s whole step costs
+                # ~160 µs there.  A .data swap to a view of the same memory at the same
+                # address (p.data = p.data.t()) moves neither and goes unseen.
                 if not compiling and (x._version != s.version or x.data_ptr() != s.ptr):
                     written.append(s)
                     continue
