@@ -39,7 +39,7 @@ def test_share_matches_a_brute_force_sort_within_the_documented_bound(seed, targ
     exact = brute_share(ts, target, power)
     got = prunable_share(ts, target, power)
     assert got.dtype == torch.float64 and got.dim() == 0
-    bound = (SHARE_REL_ERROR if power == 1 else SHARE_REL_ERROR * (1 + SHARE_REL_ERROR)) * exact
+    bound = ((1 + SHARE_REL_ERROR) ** power - 1) * exact
     assert abs(got.item() - exact) <= bound + 1e-15, (got.item(), exact)
 
 
