@@ -84,7 +84,7 @@ gpu_only() {  # name: the dry run reports a CUDA-only step
 }
 
 O="$OUT_DIR"
-step env 20 "{ date -u; git rev-parse HEAD; git status --short | head -20; nvidia-smi || echo 'nvidia-smi: not found'; \
+step env 60 "{ date -u; git rev-parse HEAD; git status --short | head -20; nvidia-smi || echo 'nvidia-smi: not found'; \
     $PY -c 'import json, torch; from pilot_kernels.envinfo import environment; \
 print(json.dumps(environment(\"cuda\" if torch.cuda.is_available() else \"cpu\"), indent=1))' \
     || $PY -c 'import sys, torch; print(sys.version, torch.__version__)'; } > '$O/env.txt' 2>&1; cat '$O/env.txt'"
