@@ -10,8 +10,8 @@
 #
 #   env             nvidia-smi, python and library versions          -> env.txt
 #   install         pip install --no-deps --no-build-isolation -e .  -> install.log
-#   build_cuda      the CUDA twin ahead of time for this GPU's arch (PILOT_BUILD_CUDA=1),
-#                   else just in time                                -> build_cuda.log
+#   build           the CUDA twin ahead of time for this GPU's arch (PILOT_BUILD_CUDA=1),
+#                   else just in time; the cpu backend                -> build.log
 #   tests_gpu       pytest -m gpu                                     -> tests_gpu.xml/.log
 #   check           python -m pilot_kernels.check --json              -> check.json/.log
 #   step_resnet50   bench_step.py: resnet50 and small2000 sets        -> step-resnet50.{json,csv}
@@ -91,7 +91,7 @@ print(json.dumps(environment(\"cuda\" if torch.cuda.is_available() else \"cpu\")
 
 if ((DRY)); then
     note install "skipped: dry run (would pip install -e .)" 0
-    gpu_only build_cuda
+    gpu_only build
     gpu_only tests_gpu
     step check 300 "$PY -m pilot_kernels.check --device cpu --quick --backends reference,cpu,cuda --dtypes float32 \
         --rounds 2 --json '$O/check.json'"
@@ -104,12 +104,16 @@ if ((DRY)); then
 else
     step install 45 "$PY -m pip install --no-deps --no-build-isolation -e ."
     CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1)
-    step build_cuda 120 "PILOT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST='${CC:-9.0}' MAX_JOBS=\$(nproc) \
+    # The cpu backend too: check.py tests it on this machine's CPU, and its first build
+    # would otherwise fall inside check's time box.
+    step build 150 "rc=0; PILOT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST='${CC:-9.0}' MAX_JOBS=\$(nproc) \
         $PY -m pip install --no-deps --no-build-isolation -e . \
-        || $PY -c 'from pilot_kernels.kernels import fused_cuda; fused_cuda.load_extension(); print(\"built just in time\")'"
-    step tests_gpu 80 "$PY -m pytest -m gpu -q -p no:cacheprovider --junitxml='$O/tests_gpu.xml'"
-    step check 70 "$PY -m pilot_kernels.check --json '$O/check.json'"
-    step step_resnet50 50 "$PY benchmarks/bench_step.py --shapes resnet50,small2000 --dtypes float32 \
+        || $PY -c 'from pilot_kernels.kernels import fused_cuda; fused_cuda.load_extension(); print(\"cuda: built just in time\")' \
+        || rc=1; $PY -c 'from pilot_kernels.kernels import fused_cpu; assert fused_cpu.available(), fused_cpu.build_error()' \
+        || rc=1; exit \$rc"
+    step tests_gpu 70 "$PY -m pytest -m gpu -q -p no:cacheprovider --junitxml='$O/tests_gpu.xml'"
+    step check 80 "$PY -m pilot_kernels.check --json '$O/check.json'"
+    step step_resnet50 70 "$PY benchmarks/bench_step.py --shapes resnet50,small2000 --dtypes float32 \
         --out '$O' --name step-resnet50"
     step step_1e9 60 "$PY benchmarks/bench_step.py --shapes single --log2 30 --dtypes float32 --host-rounds 0 \
         --no-temp --out '$O' --name step-1e9"

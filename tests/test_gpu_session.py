@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
-STEPS = ("env", "install", "build_cuda", "tests_gpu", "check", "step_resnet50", "step_1e9", "training", "inspect")
+STEPS = ("env", "install", "build", "tests_gpu", "check", "step_resnet50", "step_1e9", "training", "inspect")
 
 
 def _run(out: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
@@ -28,7 +28,7 @@ def test_dry_run_runs_every_step_that_needs_no_cuda(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(summary) == list(STEPS)
     assert summary["install"].startswith("skipped: dry run")
-    assert summary["build_cuda"] == summary["tests_gpu"] == "skipped: needs CUDA (dry run)"
+    assert summary["build"] == summary["tests_gpu"] == "skipped: needs CUDA (dry run)"
     assert summary["inspect"] == "skipped: --skip"
     for name in ("env", "check", "step_resnet50", "step_1e9", "training"):
         assert summary[name] == "ok", (name, summary[name], (tmp_path / f"{name}.log").read_text()[-2000:])
