@@ -150,8 +150,9 @@ def test_embedded_default_shortened(tmp_path):
 
 @pytest.mark.parametrize("method", ["dense", "pilot", "spred", "l1"])
 def test_each_method_end_to_end(tmp_path, method):
-    # pilot's default α keeps two epochs at chance (nothing would be exported): a tenth of it.
-    alpha = ["--alpha", "2e-3"] if method == "pilot" else []
+    # The default α of pilot and spred keeps two epochs near chance (nothing would be
+    # exported): a tenth of it learns.
+    alpha = {"pilot": ["--alpha", "2e-3"], "spred": ["--alpha", "1e-3"]}.get(method, [])
     res = run_train(tmp_path, "--method", method, "--epochs", "2", "--export-sparsity", "0.5", *alpha)
     rec = res["history"][-1]
     assert rec["train"]["acc"] > 40, rec
@@ -270,7 +271,7 @@ def test_new_run_refuses_an_earlier_runs_output_dir(tmp_path):
     out = tmp_path / "run"
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit, match=r"holds an earlier run \(checkpoint.pt, metrics.jsonl; its checkpoint is at "
-                                         r"epoch 1\). Continue it with --resume auto, start over with --overwrite"):
+                                         r"epoch 1 of 1\). Continue it with --resume auto, start over with --overwrite"):
         run_tiny(tmp_path, "--epochs", "1", "--seed", "1")
     assert (out / "checkpoint.pt").read_bytes() == before
     (out / "sweep.json").write_text("{}")  # a result of the earlier run that the new one would not rewrite
@@ -530,11 +531,15 @@ def _assert_tree_equal(x, y, where: str) -> None:
         assert x == y, (where, x, y)
 
 
+# Two epochs of PILoT with a tenth of its default α: above chance, so the run exports.
+TWO_EPOCHS = ("--epochs", "2", "--alpha", "2e-3")
+
+
 @pytest.fixture(scope="module")
 def fsdp_two_process(tmp_path_factory):
     """2 epochs of PILoT with --fsdp on 2 CPU processes, with the sweep and export."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    return tmp, torchrun_train(tmp, "full", "--fsdp", "--epochs", "2")
+    return tmp, torchrun_train(tmp, "full", "--fsdp", *TWO_EPOCHS)
 
 
 @pytest.mark.slow
@@ -568,7 +573,7 @@ def test_fsdp_two_process_gloo(fsdp_two_process):
 
     # The same run with DDP: the same weights (same reduction of the gradients, an
     # elementwise step, the same adaptive α from the all-reduced L1).
-    ddp = torchrun_train(tmp, "ddp", "--epochs", "2", "--no-sweep")
+    ddp = torchrun_train(tmp, "ddp", *TWO_EPOCHS, "--no-sweep")
     ddp_state = ckpt.load(str(tmp / "ddp" / "checkpoint.pt"))
     for key, value in ddp_state["model"].items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -582,9 +587,9 @@ def test_fsdp_two_process_gloo(fsdp_two_process):
 def test_fsdp_two_process_resume_is_exact(fsdp_two_process):
     """2 epochs == 1 epoch + resume + 1 epoch, under FSDP2 on 2 processes."""
     tmp, ranks = fsdp_two_process
-    torchrun_train(tmp, "split", "--fsdp", "--epochs", "2", "--stop-after", "1", "--no-sweep")
+    torchrun_train(tmp, "split", "--fsdp", *TWO_EPOCHS, "--stop-after", "1", "--no-sweep")
     assert ckpt.load(str(tmp / "split" / "checkpoint.pt"))["epoch"] == 0
-    resumed = torchrun_train(tmp, "split2", "--fsdp", "--epochs", "2", "--resume", str(tmp / "split" / "checkpoint.pt"),
+    resumed = torchrun_train(tmp, "split2", "--fsdp", *TWO_EPOCHS, "--resume", str(tmp / "split" / "checkpoint.pt"),
                              "--no-sweep")
     assert [h["epoch"] for h in resumed[0]["history"]] == [1]
     assert resumed[0]["history"][0] == resumed[1]["history"][0] == ranks[0]["history"][1]
@@ -594,11 +599,11 @@ def test_fsdp_two_process_resume_is_exact(fsdp_two_process):
 def test_fsdp_one_process_and_checkpoints_interchange_with_plain(tmp_path):
     """--fsdp without torchrun is a mesh of one process; it trains exactly like the plain
     run, and checkpoints of either kind resume under the other."""
-    plain = run_train(tmp_path, "--epochs", "2", "--no-sweep", out="plain")
-    run_train(tmp_path, "--fsdp", "--epochs", "2", "--stop-after", "1", "--no-sweep", out="f2p")
-    run_train(tmp_path, "--epochs", "2", "--resume", "auto", "--no-sweep", out="f2p")  # plain from FSDP
-    run_train(tmp_path, "--epochs", "2", "--stop-after", "1", "--no-sweep", out="p2f")
-    res = run_train(tmp_path, "--fsdp", "--epochs", "2", "--resume", "auto", "--export-sparsity", "0.5", out="p2f")
+    plain = run_train(tmp_path, *TWO_EPOCHS, "--no-sweep", out="plain")
+    run_train(tmp_path, "--fsdp", *TWO_EPOCHS, "--stop-after", "1", "--no-sweep", out="f2p")
+    run_train(tmp_path, "--resume", "auto", "--no-sweep", out="f2p")  # plain from FSDP
+    run_train(tmp_path, *TWO_EPOCHS, "--stop-after", "1", "--no-sweep", out="p2f")
+    res = run_train(tmp_path, "--fsdp", "--resume", "auto", "--export-sparsity", "0.5", out="p2f")
     from torch.distributed.tensor import DTensor
 
     from torch.distributed.fsdp import FSDPModule

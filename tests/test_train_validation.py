@@ -34,6 +34,8 @@ def refused(argv: list[str], match: str) -> None:
     (["--sparsity-thresholds", "0,-1e-3"], r"-0.001 is not a threshold; give \|x\| bounds >= 0"),
     (["--sparsity-thresholds", "0,nan"], r"nan is not a threshold"),
     (["--image-size", "0"], r"--image-size 0: an image side in pixels"),
+    (["--resume", "auto", "--overwrite", "--output-dir", "runs/x"], r"--overwrite starts a new run and --resume "
+                                                                    r"continues one: give one of them"),
     (["--synthetic", "--arch", "resnet18", "--train-crop-size", "-1"], r"--train-crop-size -1"),
     (["-b", "0"], r"--batch-size 0: give at least 1"),
     (["--epochs", "0"], r"--epochs 0: give at least 1"),

@@ -171,10 +171,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        # One draw per sample and epoch: 10 MB and ~10 ms for ImageNet's 1.28 M images.
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
-        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
-        return ((i, seeds[i]) for i in self.sampler)
+        # One 8-byte seed per sample and epoch: 10 MB for ImageNet's 1.28 M images.
+        seeds = np.random.default_rng([self.seed, self.epoch]).integers(0, 2**62, size=self.num_samples)
+        return ((i, int(seeds[i])) for i in self.sampler)
 
 
 class SeededAugmentation(Dataset):

@@ -93,7 +93,7 @@ def train_one_epoch(
         if args.method == "l1":
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            add_l1_subgradient_(model_without_ddp, args.alpha)
+            add_l1_subgradient_((p for p in model_without_ddp.parameters() if p.ndim >= 2), args.alpha)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

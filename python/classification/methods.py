@@ -5,7 +5,7 @@ dense     ``torch.optim.SGD`` on the plain weights ``x``
 pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1)
 spred     :class:`pilot_kernels.PILoT`, ``β = 0``, constant α (Ziyin & Wang, 2023)
 l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·sign(x)``
-          on the tensors with ``ndim >= 2``
+          on the tensors with ``ndim >= 2`` (:func:`add_l1_subgradient_`)
 ========  ==========================================================================
 
 Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
@@ -17,7 +17,7 @@ ImageNet setting.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -98,15 +98,14 @@ def current_alpha(optimizer: torch.optim.Optimizer, args) -> float:
 
 
 @torch.no_grad()
-def add_l1_subgradient_(model: nn.Module, alpha: float) -> None:
-    """``x.grad += α·sign(x)`` on the tensors with ``ndim >= 2`` (method ``l1``).
+def add_l1_subgradient_(params: Iterable[torch.Tensor], alpha: float) -> None:
+    """``p.grad += α·sign(p)`` (a subgradient of ``α‖p‖₁``) for every ``p`` with a gradient.
     Call on unscaled gradients (after ``GradScaler.unscale_``)."""
     if alpha == 0:
         return
-    grads = [p.grad for p in model.parameters() if p.ndim >= 2 and p.grad is not None]
-    signs = [torch.sign(p) for p in model.parameters() if p.ndim >= 2 and p.grad is not None]
-    if grads:
-        torch._foreach_add_(grads, signs, alpha=alpha)
+    params = [p for p in params if p.grad is not None]
+    if params:
+        torch._foreach_add_([p.grad for p in params], [torch.sign(p) for p in params], alpha=alpha)
 
 
 def sparsity_optimizer(optimizer: torch.optim.Optimizer) -> Optional[PILoT]:

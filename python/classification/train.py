@@ -206,15 +206,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 # from its own command line only (defaults included).
 SESSION_FLAGS = frozenset({
     "workers", "eval_batch_size", "channels_last", "compile", "fsdp", "output_dir", "resume", "overwrite",
-    "stop_after", "device", "print_freq", "progress", "log_iters", "tensorboard", "use_deterministic_algorithms",
+    "stop_after", "no_sweep", "device", "print_freq", "progress", "log_iters", "tensorboard",
+    "use_deterministic_algorithms",
 })
 # From the checkpoint unless given; given, they apply (where the data lies, what the end
 # of the run sweeps and exports, how long it trains).
-CHANGEABLE_FLAGS = frozenset({"data_path", "sparsity_thresholds", "sweep_sparsities", "no_sweep", "export_sparsity",
-                              "epochs"})
+CHANGEABLE_FLAGS = frozenset({"data_path", "sparsity_thresholds", "sweep_sparsities", "export_sparsity", "epochs"})
 # Changes that go without a note in the log.
 QUIET_FLAGS = frozenset({"resume", "overwrite", "progress", "print_freq", "log_iters", "tensorboard"})
-# What run() needs from a checkpoint besides the model.
+# What run() needs from a checkpoint.
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "rng")
 
 
@@ -427,6 +427,8 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
     need(not (pilot and args.alpha == 0 and args.alpha_schedule != "constant"),
          f"--alpha 0 with --alpha-schedule {args.alpha_schedule}: every step of that schedule multiplies α, so it "
          "stays 0; give --alpha > 0, or --alpha-schedule constant for training without the α term")
+    need(not (args.resume and args.overwrite), "--overwrite starts a new run and --resume continues one: give one of "
+                                               "them")
     # Data and model.
     need(not (args.synthetic and args.data_path), "--synthetic and --data-path exclude each other; give one")
     need(not (args.preset and embedded), f"--preset {args.preset} trains on ImageNet: give --data-path (or --synthetic)")
@@ -566,15 +568,19 @@ def claim_output_dir(args: argparse.Namespace, is_main: bool) -> None:
     if args.resume_path and os.path.samefile(os.path.dirname(os.path.abspath(args.resume_path)), d):
         return
     found = [f for f in RUN_FILES if os.path.isfile(os.path.join(d, f))]
-    metrics = os.path.join(d, "metrics.jsonl")
-    if found == ["metrics.jsonl"] and not any(_epoch_of(ln) is not None for ln in open(metrics)):
-        found = []  # an empty log: that run never finished an epoch
+    if found == ["metrics.jsonl"]:
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            if not any(_epoch_of(ln) is not None for ln in f):
+                found = []  # an empty log: that run never finished an epoch
     if not found:
         return
     if not args.overwrite:
         what = ", ".join(found)
         if ckpt.CHECKPOINT_NAME in found:
-            what += f"; its checkpoint is at epoch {int(ckpt.load_meta(os.path.join(d, ckpt.CHECKPOINT_NAME))['epoch']) + 1}"
+            saved = ckpt.load_meta(os.path.join(d, ckpt.CHECKPOINT_NAME))
+            run_args = saved.get("args") or {}
+            total = run_args.get("epochs", 0) * (run_args.get("cycles", 0) + 1)
+            what += f"; its checkpoint is at epoch {int(saved['epoch']) + 1}" + (f" of {total}" if total else "")
         raise SystemExit(f"--output-dir {d} holds an earlier run ({what}). Continue it with --resume auto, "
                          "start over with --overwrite (deletes those files), or give another --output-dir")
     if is_main:
@@ -601,7 +607,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     resume_path = args.resume_path
     state = ckpt.load(resume_path) if resume_path else None
 
-    # Same seed on every rank for the model; rank-specific streams for the data below.
+    # Same seed on every rank for the model; rank-specific streams below (dropout and the
+    # like: the data augmentation seeds itself per sample, see data.py).
     ckpt.seed_everything(args.seed)
     in_channels = model_in_channels(args.arch)
     data = build_data(args, info.rank, info.world_size, device, in_channels)
