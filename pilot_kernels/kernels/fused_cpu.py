@@ -7,7 +7,10 @@ torch ops (about 64 tensor-sized passes per tensor), and no temporary the size o
 tensor.  ``Σ|m·w|`` is summed in the same pass.  m, w, both momentum buffers and x are
 bitwise equal to :func:`pilot_kernels.kernels.reference.pilot_step`: the C++ repeats its
 fp32 operations in the same order with no multiply-add contraction.  Only ``Σ|m·w|``
-differs in the last bits (another summation order).
+differs in the last bits (another summation order).  Measured on two shared, loaded
+cores (``bench_step.py --device cpu --threads 2``, min of 15 interleaved rounds):
+ResNet-50's 161 tensors in 110 ms, against 273 ms for ``SGD(foreach=True)``, 4.2 s for
+the reference and 50 ms for a ``copy_`` of the same 25.6 M elements.
 
 Layout: constants → kernel (``csrc/cpu/pilot_step_cpu.cpp``, loaded by
 :func:`load_extension`) → launcher (``_launch``) → public wrapper (:func:`pilot_step`,
