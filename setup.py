@@ -59,6 +59,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",
         "tqdm>=4.60",
+        # The cpu backend is built just in time with torch.utils.cpp_extension, which needs
+        # ninja (a small wheel); without a C++ compiler PILoT still falls back to the reference.
+        "ninja>=1.11",
     ],
     extras_require={
         "plots": ["matplotlib>=3.7"],
