@@ -1,4 +1,4 @@
-r"""Measuring and using the sparsity PILoT produces (spec §6).
+r"""Measuring and using the sparsity PILoT produces (paper §5, as in spred).
 
 Training drives many entries of ``x = m ⊙ w`` towards zero but rarely to exactly zero.
 As in the paper (and spred), sparsity is read off by post-hoc magnitude pruning without
@@ -255,7 +255,7 @@ def prune_(
     With the PILoT optimizer passed, the pruned entries are set to zero in ``x``, in
     both factors ``m, w`` and in both momentum buffers, so ``x == m ⊙ w`` still holds
     and the entries **stay exactly zero in every later PILoT step, with no mask**: for
-    ``m = w = 0`` the update (spec §3)
+    ``m = w = 0`` the update (the PILoT docstring's)
 
     .. math::
         d_m = (g + λ m w)\, w + 2α\, m = 0, \qquad d_w = (g + λ m w)\, m + 2α\, w = 0
@@ -341,6 +341,11 @@ def sweep(
         if optimizer is not None:
             state = optimizer.state[p]
             saved.extend((state[k], state[k].clone()) for k in _PRUNED_STATE_KEYS if k in state)
+    # PILoT's L1 slots are saved as they are, not recomputed afterwards: a fused backend
+    # sums Σ|m·w| in its own order, so a recomputation could differ in the last bits.
+    l1_slots = getattr(optimizer, "_l1", {})
+    l1_latest = dict(getattr(optimizer, "_l1_latest", {}))
+    saved.extend((buf, buf.clone()) for buf in l1_slots.values())
 
     results = []
     for s in sparsities:
@@ -352,7 +357,8 @@ def sweep(
             with torch.no_grad():
                 for tensor, copy in saved:
                     tensor.copy_(copy)
-            _refresh_l1(optimizer)
+            if l1_latest:
+                optimizer._l1_latest.update(l1_latest)
     return results
 
 

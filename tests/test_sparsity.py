@@ -1,4 +1,4 @@
-"""Tests for pilot_kernels.sparsity: measuring, pruning and exporting (spec §6)."""
+"""Tests for pilot_kernels.sparsity: measuring, pruning and exporting (paper §5)."""
 import copy
 
 import pytest
