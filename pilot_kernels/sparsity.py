@@ -1,4 +1,4 @@
-r"""Measuring and using the sparsity PILoT produces (paper §5, as in spred).
+r"""Measuring and using the sparsity PILoT produces (paper §4 and appendix C.2, as in spred).
 
 Training drives many entries of ``x = m ⊙ w`` towards zero but rarely to exactly zero.
 As in the paper (and spred), sparsity is read off by post-hoc magnitude pruning without

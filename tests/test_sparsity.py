@@ -1,4 +1,4 @@
-"""Tests for pilot_kernels.sparsity: measuring, pruning and exporting (paper §5)."""
+"""Tests for pilot_kernels.sparsity: measuring, pruning and exporting (paper §4, appendix C.2)."""
 import copy
 
 import pytest
