@@ -11,6 +11,8 @@ from .schedules import (
     GeometricAlpha,
     HarmonicAlpha,
     QuadraticAlpha,
+    TargetSparsity,
+    prunable_share,
 )
 from .sparsity import (
     SparsityReport,
@@ -34,6 +36,8 @@ __all__ = [
     "QuadraticAlpha",
     "GeometricAlpha",
     "AdaptiveAlpha",
+    "TargetSparsity",
+    "prunable_share",
     "SparsityReport",
     "sparsity_report",
     "prune_",
