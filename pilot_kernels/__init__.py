@@ -16,6 +16,7 @@ from .schedules import (
 )
 from .sparsity import (
     SparsityReport,
+    add_l1_subgradient_,
     apply_keep_masks_,
     export_state_dict,
     prune_,
@@ -42,6 +43,7 @@ __all__ = [
     "sparsity_report",
     "prune_",
     "apply_keep_masks_",
+    "add_l1_subgradient_",
     "sweep",
     "spred_sparsities",
     "export_state_dict",

@@ -35,6 +35,7 @@ from .dtensor import all_reduce_over_shards_, local, shard_groups
 from .optimizer import PILoT
 
 __all__ = [
+    "add_l1_subgradient_",
     "SparsityReport",
     "sparsity_report",
     "prune_",
@@ -360,6 +361,22 @@ def sweep(
             if l1_latest:
                 optimizer._l1_latest.update(l1_latest)
     return results
+
+
+# ---------------------------------------------------------------------- explicit L1
+@torch.no_grad()
+def add_l1_subgradient_(params: Iterable[Tensor], alpha: float) -> None:
+    """``p.grad += α·sign(p)`` for every ``p`` with a gradient: a subgradient of ``α‖p‖₁``.
+
+    The explicit-L1 baseline PILoT is compared against (LASSO on the weights, trained with
+    plain SGD).  Call it on unscaled gradients (after ``GradScaler.unscale_``), before
+    ``optimizer.step()``; ``alpha = 0`` does nothing.
+    """
+    if alpha == 0:
+        return
+    params = [p for p in params if p.grad is not None]
+    if params:
+        torch._foreach_add_([p.grad for p in params], [torch.sign(p) for p in params], alpha=alpha)
 
 
 def spred_sparsities(cs: Iterable[float] = range(0, 7)) -> list[float]:

@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from classification.methods import add_l1_subgradient_
 from pilot_kernels import PILoT
 from pilot_kernels.schedules import ConstantAlpha, GeometricAlpha, HarmonicAlpha, QuadraticAlpha
+from pilot_kernels.sparsity import add_l1_subgradient_
 
 METHODS = ("pilot", "spred", "l1")
 METHOD_LABELS = {

@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pilot_kernels.sparsity import add_l1_subgradient_
+
 from dist import DistInfo, all_reduce_max, all_reduce_sum
-from methods import add_l1_subgradient_
 from models import PARAM_DTYPES
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,7 +5,7 @@ dense     ``torch.optim.SGD`` on the plain weights ``x``
 pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1)
 spred     :class:`pilot_kernels.PILoT`, ``β = 0``, constant α (Ziyin & Wang, 2023)
 l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·sign(x)``
-          on the tensors with ``ndim >= 2`` (:func:`add_l1_subgradient_`)
+          on the tensors with ``ndim >= 2`` (:func:`pilot_kernels.sparsity.add_l1_subgradient_`)
 ========  ==========================================================================
 
 Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
@@ -98,16 +98,6 @@ def current_alpha(optimizer: torch.optim.Optimizer, args) -> float:
 
 
 @torch.no_grad()
-def add_l1_subgradient_(params: Iterable[torch.Tensor], alpha: float) -> None:
-    """``p.grad += α·sign(p)`` (a subgradient of ``α‖p‖₁``) for every ``p`` with a gradient.
-    Call on unscaled gradients (after ``GradScaler.unscale_``)."""
-    if alpha == 0:
-        return
-    params = [p for p in params if p.grad is not None]
-    if params:
-        torch._foreach_add_([p.grad for p in params], [torch.sign(p) for p in params], alpha=alpha)
-
-
 def sparsity_optimizer(optimizer: torch.optim.Optimizer) -> Optional[PILoT]:
     """What :mod:`pilot_kernels.sparsity` should get: the PILoT optimizer (so ``m``, ``w``
     and the momenta are pruned with ``x``) or ``None`` (the tensors with ``ndim >= 2``)."""
