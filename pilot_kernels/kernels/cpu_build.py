@@ -20,7 +20,6 @@ Importing this module needs only torch; nothing is compiled until :func:`jit_loa
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .cuda_build import check_max_jobs, cxx_std
+from .cuda_build import check_max_jobs, cxx_std, source_digest
 
 __all__ = ["SOURCES", "csrc_dir", "capability", "cxx_flags", "ld_flags", "check_toolchain",
            "jit_name", "jit_load"]
@@ -100,13 +99,8 @@ def jit_name(cap: Optional[str] = None) -> str:
     """Module name: changes with the source, flags, torch and capability, so a stale or
     foreign build is never loaded."""
     cap = capability() if cap is None else cap
-    h = hashlib.sha256()
-    d = csrc_dir()
-    for f in SOURCES:
-        h.update(f.encode())
-        h.update((d / f).read_bytes())
-    h.update(repr((cxx_flags(cap), ld_flags(), torch.__version__)).encode())
-    return f"pilot_kernels_cpu_{cap.lower()}_{h.hexdigest()[:12]}"
+    digest = source_digest(csrc_dir(), SOURCES, (cxx_flags(cap), ld_flags(), torch.__version__))
+    return f"pilot_kernels_cpu_{cap.lower()}_{digest}"
 
 
 def jit_load(verbose: Optional[bool] = None):

@@ -224,13 +224,20 @@ def check_toolchain(for_setup: bool = False) -> None:
 def jit_name(archs: str) -> str:
     """Extension name for the JIT build: changes with the sources, flags and torch, so a
     stale build is never loaded."""
+    digest = source_digest(csrc_dir(), SOURCES + HEADERS,
+                           (nvcc_flags(archs), cxx_flags(), torch.__version__, torch.version.cuda))
+    return f"pilot_kernels_cuda_{digest}"
+
+
+def source_digest(directory: Path, files, settings) -> str:
+    """12 hex digits of SHA-256 over the files (names and bytes) and ``repr(settings)``:
+    the part of a just-in-time module's name that changes whenever its build would."""
     h = hashlib.sha256()
-    d = csrc_dir()
-    for f in SOURCES + HEADERS:
+    for f in files:
         h.update(f.encode())
-        h.update((d / f).read_bytes())
-    h.update(repr((nvcc_flags(archs), cxx_flags(), torch.__version__, torch.version.cuda)).encode())
-    return f"pilot_kernels_cuda_{h.hexdigest()[:12]}"
+        h.update((directory / f).read_bytes())
+    h.update(repr(settings).encode())
+    return h.hexdigest()[:12]
 
 
 def jit_load(verbose: Optional[bool] = None):
