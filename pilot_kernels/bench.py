@@ -505,12 +505,24 @@ def _noop(*args, **kwargs) -> None:
     return None
 
 
+def _first_arg(tensors, *args, **kwargs):
+    """Stub of an out-of-place foreach op: hands its input back, launching nothing."""
+    return tensors
+
+
+# The foreach ops torch's multi-tensor SGD issues (PILoT's tensors that are not split
+# take that path outside AMP): in place → nothing, out of place → the input list.
+_FOREACH_STUBS = {"_foreach_add_": _noop, "_foreach_mul_": _noop,
+                  "_foreach_add": _first_arg, "_foreach_mul": _first_arg, "_foreach_neg": _first_arg}
+
+
 @contextlib.contextmanager
 def stubbed_kernels() -> Iterator[None]:
     """Replace every kernel an optimizer step launches by a no-op, leaving its Python.
 
-    ``torch._fused_sgd_`` (``SGD(fused=True)``, and PILoT's tensors that are not split)
-    launches nothing; in a backend with Triton kernels those kernels launch nothing (the
+    ``torch._fused_sgd_`` (``SGD(fused=True)``, and PILoT's tensors that are not split
+    under AMP) and the foreach ops of torch's multi-tensor SGD (PILoT's tensors that are
+    not split otherwise) launch nothing; in a backend with Triton kernels those kernels launch nothing (the
     launch plan still runs); in any other backend ``pilot_step`` itself is the kernel.
     Build the optimizer inside the context: one that holds the step function from its
     construction then holds the stub.
@@ -520,6 +532,7 @@ def stubbed_kernels() -> Iterator[None]:
     except ImportError:  # no Triton on this platform: no Triton kernels to stub
         KernelInterface = ()  # noqa: N806
     patches: list[tuple[Any, str, Any]] = [(torch, "_fused_sgd_", _noop)]
+    patches += [(torch, name, stub) for name, stub in _FOREACH_STUBS.items()]
     for name in BACKENDS:
         try:
             module = sys.modules[get_step_fn(name).__module__]

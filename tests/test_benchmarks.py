@@ -109,10 +109,10 @@ def test_unavailable_backends_say_why():
 
 # --------------------------------------------------------------------- host cost
 def _sgd_and_pilot(backend="reference"):
-    # PILoT gets split tensors only: on the CPU its unsplit ones take torch's per-tensor
-    # SGD loop, whose ops are not kernels that stubbed_kernels replaces.
+    # Both get a split-size and a bias-like tensor: PILoT's unsplit one takes torch's
+    # foreach SGD, whose ops stubbed_kernels replaces too.
     ps = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
-    qs = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3, 2))]
+    qs = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
     for p in ps + qs:
         p.grad = torch.randn_like(p)
     return ps, torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), qs, PILoT(qs, lr=0.1, backend=backend)
