@@ -28,14 +28,16 @@ def _cuda_extension():
     """The ahead-of-time CUDA build, only when PILOT_BUILD_CUDA=1 asks for it."""
     if os.environ.get("PILOT_BUILD_CUDA", "0") != "1":
         return [], {}
-    # This checkout's description of the build (not an installed pilot_kernels); it needs
-    # the torch that the extension is built for, hence pip's --no-build-isolation.
-    import sys
+    # This checkout's description of the build (not an installed pilot_kernels), loaded
+    # from its file; it needs the torch that the extension is built for, hence pip's
+    # --no-build-isolation.
+    import importlib.util
 
-    sys.path.insert(0, ROOT)
-    from pilot_kernels.kernels.cuda_build import extension_for_setup
-
-    ext, build_ext = extension_for_setup()
+    path = os.path.join(ROOT, "pilot_kernels", "kernels", "cuda_build.py")
+    spec = importlib.util.spec_from_file_location("_pilot_kernels_cuda_build", path)
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
+    ext, build_ext = cuda_build.extension_for_setup()
     return [ext], {"build_ext": build_ext}
 
 
