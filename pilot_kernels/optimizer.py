@@ -21,7 +21,7 @@ from torch.optim.sgd import sgd as _sgd_functional
 from .dtensor import DTensor, all_reduce_over_shards_, shard_groups
 from .dtensor import local as _local
 from .init import split
-from .kernels import check_backend_name, get_step_fn, resolve_backend
+from .kernels import check_backend_name, get_step_fn, resolve_backend, split_scalar
 
 __all__ = ["PILoT", "pilot"]
 
@@ -959,7 +959,7 @@ def pilot(
 
         pilot_step_op(
             xs, grads, ms, ws, momentum_ms or [], momentum_ws or [], firsts,
-            *_split_scalar(lr), momentum, dampening, nesterov, *_split_scalar(alpha),
+            *split_scalar(lr), momentum, dampening, nesterov, *split_scalar(alpha),
             weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear, backend,
         )
         return
@@ -976,10 +976,6 @@ def pilot(
         found_inf=found_inf, l1_accum=l1_accum, l1_clear=l1_clear, workspace=workspace,
     )
 
-
-def _split_scalar(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
-    """A float or device-tensor hyperparameter as the custom op's (float, tensor) pair."""
-    return (0.0, v) if isinstance(v, Tensor) else (float(v), None)
 
 
 def _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf) -> None:

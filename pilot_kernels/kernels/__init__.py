@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -93,6 +93,12 @@ def _cpu_available() -> bool:
                 stacklevel=3,
             )
     return _CPU_OK
+
+
+def split_scalar(v: Union[float, torch.Tensor]) -> tuple[float, Optional[torch.Tensor]]:
+    """A hyperparameter (``lr``, ``alpha``) as a ``(float, tensor)`` pair: a tensor
+    (capturable mode) is passed on and read by the kernel itself, never with ``.item()``."""
+    return (0.0, v) if isinstance(v, torch.Tensor) else (float(v), None)
 
 
 def get_step_fn(name: str) -> Callable[..., None]:

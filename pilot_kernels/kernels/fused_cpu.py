@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor
 
-from . import cpu_build, reference
+from . import cpu_build, reference, split_scalar
 
 __all__ = ["pilot_step", "load_extension", "available"]
 
@@ -78,18 +78,12 @@ def build_error() -> Optional[BaseException]:
 
 
 # ----------------------------------------------------------------------- launcher
-def _scalar_arg(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
-    """A hyperparameter as (float, tensor): a tensor (capturable mode) is read by the
-    kernel itself, so Python never calls ``.item()``."""
-    return (0.0, v) if isinstance(v, Tensor) else (float(v), None)
-
-
 def _launch(ext, xs, grads, ms, ws, momentum_ms, momentum_ws, firsts, *, lr, momentum, dampening,
             nesterov, alpha, weight_decay, maximize, grad_scale, found_inf, l1_accum,
             l1_clear) -> list[int]:
     """One call of the kernel; returns the indices it left to the reference."""
-    lr, lr_tensor = _scalar_arg(lr)
-    alpha, alpha_tensor = _scalar_arg(alpha)
+    lr, lr_tensor = split_scalar(lr)
+    alpha, alpha_tensor = split_scalar(alpha)
     return ext.pilot_step(
         xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
         lr, lr_tensor, float(momentum), float(dampening), bool(nesterov),
