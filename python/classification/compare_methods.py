@@ -25,20 +25,55 @@ grid, seed 0, as the sparsest model within 1 point of its own unpruned accuracy)
 
 Writes ``compare_methods_embedded.{json,md,png}`` into ``--out``
 (default ``benchmarks/results``).
+
+Target mode: accuracy at a sparsity chosen before training
+--------------------------------------------------------
+
+``--target-sparsity 0.9,0.95,0.98,0.99`` asks a different question: given the sparsity
+``S`` you will deploy at, which method gives the best model at ``S``?  Each method is
+trained *aimed at* each ``S`` (``train.py --target-sparsity S``: the trainer steers α
+with :class:`pilot_kernels.schedules.TargetSparsity`, so no α is picked by hand), then
+pruned one-shot to ``S`` and evaluated.  One training per method, target and seed:
+
+======================  ====================================================
+pilot                   ``--method pilot --target-sparsity S`` (β = 1)
+spred                   ``--method spred --target-sparsity S`` (β = 0)
+l1                      ``--method l1 --target-sparsity S`` (α of ``α·sign(x)``)
+magnitude pruning       one dense training per seed, pruned one-shot to every ``S``
+                        (the baseline: no sparsity-aware training at all)
+dense, unpruned         the same dense trainings, not pruned (a reference line)
+======================  ====================================================
+
+    python python/classification/compare_methods.py --target-sparsity 0.9,0.95,0.98,0.99
+    python python/classification/compare_methods.py --target-sparsity 0.9,0.99 --seeds 0 --epochs 3 --out /tmp/cmp
+
+With 3 seeds and 4 targets that is 3·(3·4 + 1) = 39 trainings.  Writes
+``compare_methods_target.{json,md,png}``: per method and target the mean top-1 at ``S``
+with its min–max over seeds, the sparsity the exported model reached, the best method
+per target (and whether its lead exceeds the seeds' spread), and a plot of top-1 at
+``S`` against ``S`` with min–max bands and the dense unpruned accuracy as a line.
+
+Both modes take ``--dataset NAME`` (passed to ``train.py``); for a dataset other than
+the default ``digits`` the file names end in ``_NAME``, e.g.
+``compare_methods_target_mnist.json``.  ``--jobs`` runs that many trainings at once
+(default: one per CPU core), each with one thread; a line per finished run shows the
+progress.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 from pilot_kernels.envinfo import environment
 from checkpoint import atomic_write
@@ -50,6 +85,7 @@ TRAIN = HERE / "train.py"
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995]
 TABLE_AT = [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
+DEFAULT_DATASET = "digits"  # train.py's embedded default
 
 # name -> (train.py flags, label); α values are train.py's embedded defaults, spelled out.
 CONFIGS: dict[str, tuple[list[str], str]] = {
@@ -62,22 +98,76 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
 ROW_NAMES = {"dense": "dense", "magnitude": "magnitude pruning (of dense)", "l1": "l1", "spred": "spred",
              "pilot_init": "pilot init only (constant α)", "pilot": "pilot"}
 
+# Target mode: α is the trainer's business (--target-sparsity), so only the method is given.
+# "dense" is trained once per seed and supplies both the magnitude-pruning baseline and the
+# unpruned reference.
+TARGET_CONFIGS: dict[str, tuple[list[str], str]] = {
+    "dense": (["--method", "dense"], "dense SGD, pruned one-shot to S"),
+    "l1": (["--method", "l1"], "SGD + α·sign(x), α steered to S"),
+    "spred": (["--method", "spred"], "β=0, α steered to S"),
+    "pilot": (["--method", "pilot"], "β=1, α steered to S"),
+}
+TARGET_ORDER = ["pilot", "spred", "l1", "magnitude"]  # table rows and plot lines
+TARGET_ROW_NAMES = {"pilot": "pilot", "spred": "spred", "l1": "l1",
+                    "magnitude": "magnitude pruning (of dense)", "dense": "dense, unpruned"}
 
-def run_one(config: str, seed: int, epochs: int, workdir: Path) -> dict[str, Any]:
+
+def _train_env() -> dict[str, str]:
+    # One thread per run: the runs themselves are the parallelism (--jobs of them at once).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _dataset_flags(dataset: Optional[str]) -> list[str]:
+    # Passed only when asked for, so the default command line is the one train.py always took.
+    return ["--dataset", dataset] if dataset else []
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def run_one(config: str, seed: int, epochs: int, workdir: Path, dataset: Optional[str] = None) -> dict[str, Any]:
     flags, _ = CONFIGS[config]
     out = workdir / f"{config}-seed{seed}"
-    cmd = [sys.executable, str(TRAIN), *flags, "--epochs", str(epochs), "--seed", str(seed), "--no-progress",
-           "--print-freq", "0", "--output-dir", str(out), "--overwrite",  # --keep-runs may hold an earlier run
+    cmd = [sys.executable, str(TRAIN), *flags, *_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed),
+           "--no-progress", "--print-freq", "0", "--output-dir", str(out), "--overwrite",  # --keep-runs may hold an earlier run
            "--sweep-sparsities", ",".join(f"{s:g}" for s in SPARSITIES)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(), cwd=str(ROOT))
     if proc.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     sweep = json.loads((out / "sweep.json").read_text())
-    last = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    last = _metrics(out)[-1]
     return {"config": config, "seed": seed, "rows": sweep["rows"], "wall_s": time.perf_counter() - t0,
-            "final_train_acc": last["train"]["acc"], "final_alpha": last["alpha"], "final_l1": last["l1"]}
+            "final_train_acc": last["train"]["acc"], "final_alpha": last["alpha"], "final_l1": last["l1"],
+            "arch": sweep.get("arch"), "val_images": last["val"].get("images")}
+
+
+def run_all(jobs: Sequence[Any], fn: Callable[[Any], dict[str, Any]], describe: Callable[[Any, dict[str, Any]], str],
+            workers: int, print_fn: Callable[[str], None] = print) -> tuple[list[Optional[dict[str, Any]]], list[str]]:
+    """``fn`` over ``jobs`` on ``workers`` threads (each starts one training process).
+
+    Returns the results in the order of ``jobs`` (None where ``fn`` raised) and the
+    failures' messages; prints one line per finished run with a time estimate, because a
+    full comparison runs for a quarter of an hour or more."""
+    results: list[Optional[dict[str, Any]]] = [None] * len(jobs)
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+                what = describe(jobs[i], results[i])
+            except Exception as e:  # noqa: BLE001 - reported, and the other runs still count
+                failures.append(f"{jobs[i]}: {e}")
+                what = f"{jobs[i]} FAILED: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            elapsed = time.perf_counter() - t0
+            left = elapsed / done * (len(jobs) - done)
+            print_fn(f"[{done:>{len(str(len(jobs)))}}/{len(jobs)}] {what} | {elapsed / 60:.1f} min elapsed, "
+                     f"~{left / 60:.1f} min left")
+    return results, failures
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,16 +215,31 @@ def _alpha_note(runs: list[dict[str, Any]]) -> str:
             f"\"pilot\" and \"pilot init only\" (constant α) are close by construction.")
 
 
+def _data_line(dataset: str, runs: list[dict[str, Any]], epochs: int) -> str:
+    """What was trained on, as far as the run records tell (the digits text is the measured one)."""
+    if dataset == DEFAULT_DATASET:
+        return (f"model `digits_cnn` (61 k parameters, 60,688 in conv/linear weights), scikit-learn digits upscaled to "
+                f"16×16, 1,437 train / 360 val images, {epochs} epochs")
+    arch = next((r.get("arch") for r in runs if r.get("arch")), None)
+    images = next((r.get("val_images") for r in runs if r.get("val_images")), None)
+    return (f"dataset `{dataset}`" + (f", model `{arch}`" if arch else "")
+            + (f", {images:,} val images" if images else "") + f", {epochs} epochs")
+
+
 def markdown(summary: dict[str, Any], args, wall: float, env_line: str, runs: list[dict[str, Any]]) -> str:
+    dataset = getattr(args, "dataset", None) or DEFAULT_DATASET
+    digits = dataset == DEFAULT_DATASET
     head = "| method | setting | unpruned | " + " | ".join(f"{100 * s:g}%" for s in TABLE_AT) + " | sparsest ≤1 pt drop |"
+    images = next((r.get("val_images") for r in runs if r.get("val_images")), None) or (360 if digits else None)
+    per_image = f" (one image = {100 / images:.2g} points)" if images else ""
     lines = [
-        "# Accuracy vs. sparsity on the embedded digits data",
+        "# Accuracy vs. sparsity on the embedded digits data" if digits else f"# Accuracy vs. sparsity on {dataset}",
         "",
-        f"`python python/classification/compare_methods.py --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs}` — "
-        f"model `digits_cnn` (61 k parameters, 60,688 in conv/linear weights), scikit-learn digits upscaled to "
-        f"16×16, 1,437 train / 360 val images, {args.epochs} epochs, batch 64, lr 0.1 (2 warmup epochs + cosine), "
+        f"`python python/classification/compare_methods.py --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs}"
+        f"{'' if digits else ' --dataset ' + dataset}` — "
+        f"{_data_line(dataset, runs, args.epochs)}, batch 64, lr 0.1 (2 warmup epochs + cosine), "
         f"momentum 0.9. Sparsity = fraction of conv/linear weights pruned by one global magnitude ranking, "
-        f"no fine-tuning. Top-1 on the 360 val images (one image = 0.28 points): mean over "
+        f"no fine-tuning. Top-1 on the {'360 ' if digits else ''}val images{per_image}: mean over "
         f"{len(args.seeds)} seeds, min–max in brackets. {env_line}; total wall time {wall / 60:.1f} min.",
         "",
         head,
@@ -161,37 +266,449 @@ def markdown(summary: dict[str, Any], args, wall: float, env_line: str, runs: li
         "",
         "Best mean top-1 per sparsity (this run): " + "; ".join(_leaders(summary)) + ".",
         "",
-        "Reading it: on a problem this small and easy (ten classes, 360 val images, one image = 0.28 points) "
-        "the differences between the sparsifying methods are a few images and not a ranking; the paper's "
-        "claims concern ResNets on CIFAR/ImageNet. What the table does show is the effect all of them share: "
-        "the dense model cannot be pruned one-shot much beyond 50 %, while every regularized model keeps its "
-        "accuracy to ~97 %. " + _alpha_note(runs) + "",
     ]
+    if digits:
+        lines.append(
+            "Reading it: on a problem this small and easy (ten classes, 360 val images, one image = 0.28 points) "
+            "the differences between the sparsifying methods are a few images and not a ranking; the paper's "
+            "claims concern ResNets on CIFAR/ImageNet. What the table does show is the effect all of them share: "
+            "the dense model cannot be pruned one-shot much beyond 50 %, while every regularized model keeps its "
+            "accuracy to ~97 %. " + _alpha_note(runs) + "")
+    else:
+        lines.append(_alpha_note(runs))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- target mode
+def _stem(out: Path, kind: str, dataset: Optional[str]) -> Path:
+    """``compare_methods_<kind>[_<dataset>]``: the default data keeps the unsuffixed names."""
+    name = f"compare_methods_{kind}"
+    if dataset and dataset != DEFAULT_DATASET:
+        name += f"_{dataset}"
+    return out / name
+
+
+def run_target(method: str, target: Optional[float], seed: int, epochs: int, workdir: Path,
+               dataset: Optional[str], targets: Sequence[float]) -> dict[str, Any]:
+    """One training of target mode.  ``method == "dense"`` (``target`` None) is the plain
+    dense run, swept at every target for the magnitude-pruning baseline; any other method is
+    trained with ``--target-sparsity target`` and read from ``sweep.json``'s ``"target"``
+    entry (``sparsity``, ``top1`` at it, ``top1_unpruned``, ``reached``)."""
+    flags, _ = TARGET_CONFIGS[method]
+    common = [*_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed), "--no-progress",
+              "--print-freq", "0", "--overwrite"]  # --keep-runs may hold an earlier run
+    if method == "dense":
+        out = workdir / f"dense-seed{seed}"
+        extra = ["--sweep-sparsities", ",".join(f"{s:g}" for s in [0.0, *targets])]
+    else:
+        out = workdir / f"{method}-S{target:g}-seed{seed}"
+        extra = ["--target-sparsity", f"{target:g}"]
+    cmd = [sys.executable, str(TRAIN), *flags, *common, *extra, "--output-dir", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(), cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} S={target} seed {seed} failed (exit {proc.returncode}): "
+                           f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    sweep = json.loads((out / "sweep.json").read_text())
+    metrics = _metrics(out)
+    last = metrics[-1]
+    rec: dict[str, Any] = {"method": method, "target": target, "seed": seed, "wall_s": time.perf_counter() - t0,
+                           "final_train_acc": last["train"]["acc"], "arch": sweep.get("arch"),
+                           "val_images": last["val"].get("images")}
+    if method == "dense":
+        rec.update(rows=sweep["rows"], top1_unpruned=sweep["rows"][0]["top1"])
+        return rec
+    got = sweep.get("target")
+    if not isinstance(got, dict) or any(k not in got for k in ("top1", "top1_unpruned", "reached")):
+        raise RuntimeError(f"{out / 'sweep.json'} has no complete \"target\" entry (got {got!r}); "
+                           f"train.py must write sparsity, top1, top1_unpruned and reached under --target-sparsity")
+    if got["top1"] is None:
+        raise RuntimeError(f"{method} S={target:g} seed {seed}: no accuracy at S "
+                           f"({sweep.get('export_skipped') or 'train.py gave none'})")
+    rec.update(top1=got["top1"], top1_unpruned=got["top1_unpruned"], reached=got["reached"],
+               alpha=[m.get("alpha") for m in metrics], share=[m.get("share") for m in metrics])
+    return rec
+
+
+def _describe_target(job: tuple[str, Optional[float], int], rec: dict[str, Any]) -> str:
+    method, target, seed = job
+    if method == "dense":
+        return f"dense seed {seed}: unpruned top-1 {rec['top1_unpruned']:.2f}%, {rec['wall_s']:.0f} s"
+    return (f"{method} S={target:g} seed {seed}: top-1 {rec['top1']:.2f}% at S (reached "
+            f"{100 * rec['reached']:.2f}%, unpruned {rec['top1_unpruned']:.2f}%), {rec['wall_s']:.0f} s")
+
+
+def _stats(xs: Sequence[float], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}mean": statistics.mean(xs), f"{prefix}min": min(xs), f"{prefix}max": max(xs),
+            f"{prefix}std": statistics.pstdev(xs)}
+
+
+def _dense_row(rec: dict[str, Any], target: float) -> dict[str, Any]:
+    for row in rec["rows"]:
+        if math.isclose(row["target"], target, rel_tol=0, abs_tol=1e-9):
+            return row
+    raise ValueError(f"dense seed {rec['seed']} has no sweep row at {target:g} "
+                     f"(rows at {[r['target'] for r in rec['rows']]})")
+
+
+def summarize_target(runs: Sequence[dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
+    """Per method (``pilot``, ``spred``, ``l1``, ``magnitude``) one row per target:
+    ``top1`` mean/min/max/std over the seeds that ran, ``reached`` (the exported model's
+    measured sparsity) likewise, ``top1_unpruned`` mean and ``n`` seeds; ``dense`` is the
+    unpruned accuracy of the dense trainings (mean/min/max/std).  ``magnitude`` reads the
+    dense trainings' sweep at each target."""
+    dense = sorted((r for r in runs if r["method"] == "dense"), key=lambda r: r["seed"])
+    out: dict[str, Any] = {}
+    for name in TARGET_ORDER:
+        rows = []
+        for t in targets:
+            if name == "magnitude":
+                pts = [{"top1": _dense_row(r, t)["top1"], "reached": _dense_row(r, t)["sparsity"],
+                        "top1_unpruned": r["top1_unpruned"], "seed": r["seed"]} for r in dense]
+            else:
+                pts = sorted((r for r in runs if r["method"] == name and math.isclose(r["target"], t, abs_tol=1e-9)),
+                             key=lambda r: r["seed"])
+            if not pts:
+                continue
+            rows.append({"target": t, "n": len(pts), "seeds": [p["seed"] for p in pts],
+                         **{("top1" if k == "mean" else k): v for k, v in _stats([p["top1"] for p in pts]).items()},
+                         **_stats([p["reached"] for p in pts], "reached_"),
+                         "top1_unpruned": statistics.mean(p["top1_unpruned"] for p in pts)})
+        if rows:
+            for r in rows:
+                r["reached"] = r.pop("reached_mean")
+            label = TARGET_CONFIGS["dense" if name == "magnitude" else name][1]
+            out[name] = {"label": label, "rows": rows}
+    if dense:
+        accs = [r["top1_unpruned"] for r in dense]
+        out["dense"] = {"label": "the dense trainings, not pruned", "seeds": [r["seed"] for r in dense],
+                        **{("top1" if k == "mean" else k): v for k, v in _stats(accs).items()}}
+    return out
+
+
+def target_winners(summary: dict[str, Any], targets: Sequence[float],
+                   val_images: Optional[int] = None) -> list[dict[str, Any]]:
+    """Per target: the method with the best mean top-1 at S, the runner-up, the margin, and
+    whether the lead is clear, i.e. the winner's worst seed beats every other method's best
+    seed (with one seed there is no spread, so nothing is called clear)."""
+    out = []
+    for t in targets:
+        cands = []
+        for name in TARGET_ORDER:
+            row = next((r for r in summary.get(name, {}).get("rows", []) if math.isclose(r["target"], t, abs_tol=1e-9)), None)
+            if row is not None:
+                cands.append((name, row))
+        if not cands:
+            continue
+        cands.sort(key=lambda c: -c[1]["top1"])
+        best_name, best = cands[0]
+        tied = [n for n, r in cands if abs(r["top1"] - best["top1"]) < 1e-9]
+        entry: dict[str, Any] = {"target": t, "best": tied, "top1": best["top1"], "min": best["min"],
+                                 "max": best["max"], "n": best["n"]}
+        others = [(n, r) for n, r in cands if n not in tied]
+        if others:
+            ru_name, ru = others[0]
+            margin = best["top1"] - ru["top1"]
+            entry.update(runner_up=ru_name, runner_up_top1=ru["top1"], margin=margin,
+                         clear=len(tied) == 1 and best["n"] > 1 and all(best["min"] > r["max"] for _, r in others))
+            if val_images:
+                entry["margin_images"] = margin * val_images / 100.0
+        else:
+            entry.update(runner_up=None, margin=None, clear=False)
+        out.append(entry)
+    return out
+
+
+def _winner_line(w: dict[str, Any]) -> str:
+    names = " = ".join(TARGET_ROW_NAMES[n] for n in w["best"])
+    spread = f" [{w['min']:.1f}–{w['max']:.1f}]" if w["n"] > 1 else ""
+    line = f"- {100 * w['target']:g}%: **{names}** {w['top1']:.1f}{spread}"
+    if w.get("runner_up") is None:
+        return line + (" (tied with every other method)" if len(w["best"]) > 1 else " (the only method)")
+    imgs = f" ≈ {w['margin_images']:.1f} val images" if "margin_images" in w else ""
+    line += (f", ahead of {TARGET_ROW_NAMES[w['runner_up']]} ({w['runner_up_top1']:.1f}) by "
+             f"{w['margin']:.2f} points{imgs}")
+    if w["n"] <= 1:
+        return line + "; one seed, so no spread to judge it against."
+    if w["clear"]:
+        return line + "; clear: its worst seed beats every other method's best seed."
+    return line + "; not clear: the seeds' min–max ranges overlap."
+
+
+def markdown_target(data: dict[str, Any]) -> str:
+    a = data["args"]
+    targets, summary, runs = data["targets"], data["summary"], data["runs"]
+    dataset = a.get("dataset") or DEFAULT_DATASET
+    digits = dataset == DEFAULT_DATASET
+    n_seeds = len(a["seeds"])
+    images = next((r.get("val_images") for r in runs if r.get("val_images")), None)
+    cmd = (f"python python/classification/compare_methods.py --target-sparsity {','.join(f'{t:g}' for t in targets)} "
+           f"--seeds {','.join(map(str, a['seeds']))} --epochs {a['epochs']}"
+           + ("" if digits else f" --dataset {dataset}"))
+    bracket = ", min–max over seeds in brackets" if n_seeds > 1 else ""
+    lines = [
+        f"# Accuracy at a target sparsity on {'the embedded digits data' if digits else dataset}",
+        "",
+        f"`{cmd}` — {_data_line(dataset, runs, a['epochs'])}. Each sparsifying method is trained *aimed at* "
+        f"the target S (`train.py --target-sparsity S` steers α; no α picked by hand), one training per "
+        f"method, target and seed; then every model is pruned one-shot to S by one global magnitude ranking "
+        f"of the conv/linear weights, without fine-tuning. Magnitude pruning prunes one dense training per seed "
+        f"to every S. Top-1 on the val images" + (f" (one image = {100 / images:.2g} points)" if images else "")
+        + f": mean over {n_seeds} seed{'s' if n_seeds > 1 else ''}{bracket}. {data['env_line']}; "
+        f"total wall time {data['wall_s'] / 60:.1f} min ({len(runs)} trainings, {a.get('jobs', '?')} at a time).",
+        "",
+        "Top-1 (%) at the target sparsity:",
+        "",
+        "| method | setting | " + " | ".join(f"S = {100 * t:g}%" for t in targets) + " |",
+        "|" + "---|" * (len(targets) + 2),
+    ]
+
+    def by_target(name):
+        return {round(r["target"], 9): r for r in summary.get(name, {}).get("rows", [])}
+
+    def acc_cell(r):
+        if r is None:
+            return "–"
+        cell = f"{r['top1']:.1f}" + (f" [{r['min']:.1f}–{r['max']:.1f}]" if r["n"] > 1 else "")
+        return cell + ("" if r["n"] == n_seeds else f" (n={r['n']})")
+
+    for name in TARGET_ORDER:
+        if name not in summary:
+            continue
+        rows = by_target(name)
+        lines.append(f"| {TARGET_ROW_NAMES[name]} | {summary[name]['label']} | "
+                     + " | ".join(acc_cell(rows.get(round(t, 9))) for t in targets) + " |")
+    if "dense" in summary:
+        d = summary["dense"]
+        ref = f"{d['top1']:.1f}" + (f" [{d['min']:.1f}–{d['max']:.1f}]" if len(d["seeds"]) > 1 else "")
+        lines.append(f"| {TARGET_ROW_NAMES['dense']} | reference: {d['label']} | " + " | ".join([ref] * len(targets)) + " |")
+
+    lines += [
+        "",
+        "Sparsity the exported model reached (fraction of conv/linear weights that are exact zeros, mean over "
+        "seeds) / top-1 (%) of the same trainings before pruning:",
+        "",
+        "| method | " + " | ".join(f"S = {100 * t:g}%" for t in targets) + " |",
+        "|" + "---|" * (len(targets) + 1),
+    ]
+    short = []
+    for name in TARGET_ORDER:
+        if name not in summary:
+            continue
+        rows = by_target(name)
+        cells = []
+        for t in targets:
+            r = rows.get(round(t, 9))
+            if r is None:
+                cells.append("–")
+                continue
+            mark = ""
+            if r["reached_min"] < t - 5e-3:  # half a point of sparsity short of the target
+                mark = " †"
+                short.append(f"{TARGET_ROW_NAMES[name]} at {100 * t:g}% (lowest seed {100 * r['reached_min']:.2f}%)")
+            cells.append(f"{100 * r['reached']:.2f}%{mark} / {r['top1_unpruned']:.1f}")
+        lines.append(f"| {TARGET_ROW_NAMES[name]} | " + " | ".join(cells) + " |")
+    if short:
+        lines += ["", "† more than half a point less sparse than asked: " + "; ".join(short) + "."]
+
+    lines += ["", "Best mean top-1 at each target (this run):", ""]
+    lines += [_winner_line(w) for w in data["winners"]]
+    if data.get("failures"):
+        lines += ["", f"{len(data['failures'])} training(s) failed and are left out of the means (the n= in a cell "
+                  "counts the seeds that ran):", ""]
+        lines += [f"- `{f.splitlines()[0][:300]}`" for f in data["failures"]]
+    if digits:
+        lines += ["", "On this data one val image is 0.28 points, so differences of a point or less are a few images; "
+                  "the seeds' ranges say more than the means."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_target(path: str, summary: dict[str, Any], targets: Sequence[float], title: str = "") -> None:
+    """Top-1 at S against S, one line per method with its min–max band over seeds; the dense
+    unpruned accuracy as a dotted line with its band.  x in ``-log10(1 - S)`` as in the
+    sweep plots, so 99% is as far from 98% as 90% from 80%.  When magnitude pruning is
+    among them, a second panel leaves it out: it falls tens of points below the others
+    (to chance at 99% on digits), which would squeeze the lines worth comparing together."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xpos(s: float) -> float:
+        return -math.log10(max(1.0 - s, 1e-7))
+
+    names = [n for n in TARGET_ORDER if summary.get(n, {}).get("rows")]
+    panels = [names]
+    if "magnitude" in names and len(names) > 1:
+        panels.append([n for n in names if n != "magnitude"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 12, 4.5), squeeze=False)
+    colors = {n: f"C{i}" for i, n in enumerate(TARGET_ORDER)}
+    for k, (ax, shown) in enumerate(zip(axes[0], panels)):
+        lows, highs = [], []
+        for name in shown:
+            rows = summary[name]["rows"]
+            xs = [xpos(r["target"]) for r in rows]
+            ax.plot(xs, [r["top1"] for r in rows], marker="o", ms=4, color=colors[name], label=TARGET_ROW_NAMES[name],
+                    ls="--" if name == "magnitude" else "-")
+            ax.fill_between(xs, [r["min"] for r in rows], [r["max"] for r in rows], color=colors[name], alpha=0.15, lw=0)
+            lows += [r["min"] for r in rows]
+            highs += [r["max"] for r in rows]
+        if "dense" in summary:
+            d = summary["dense"]
+            ax.axhline(d["top1"], color="0.3", ls=":", lw=1.2, label=f"{TARGET_ROW_NAMES['dense']} ({d['top1']:.1f})")
+            ax.axhspan(d["min"], d["max"], color="0.5", alpha=0.12, lw=0)
+            lows.append(d["min"])
+            highs.append(d["max"])
+        ax.set_xticks([xpos(t) for t in targets])
+        ax.set_xticklabels([f"{100 * t:g}%" for t in targets])
+        if targets:
+            pad = 0.15 * (xpos(max(targets)) - xpos(min(targets)) or 1.0)
+            ax.set_xlim(xpos(min(targets)) - pad, xpos(max(targets)) + pad)
+        if lows:
+            margin = max(0.5, 0.08 * (max(highs) - min(lows)))
+            ax.set_ylim(max(0.0, min(lows) - margin), min(100.0, max(highs) + margin))
+        ax.set_xlabel("target sparsity S (trained for S, pruned one-shot to S)")
+        ax.set_ylabel("top-1 accuracy at S (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        if k == 1:
+            ax.set_title("without magnitude pruning (zoom)", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render_target(stem: Path) -> dict[str, Any]:
+    """Write ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (target mode)."""
+    data = json.loads(Path(str(stem) + ".json").read_text())
+    md = markdown_target(data)
+    with atomic_write(str(stem) + ".md", "w") as f:
+        f.write(md)
+    a = data["args"]
+    n = len(a["seeds"])
+    arch = next((r.get("arch") for r in data["runs"] if r.get("arch")), None) or "model"
+    plot_target(str(stem) + ".png", data["summary"], data["targets"],
+                title=f"{arch} on {a.get('dataset') or DEFAULT_DATASET}, {a['epochs']} epochs, {n} seed{'s' if n > 1 else ''}"
+                      + (" (mean, min–max)" if n > 1 else ""))
+    print(md)
+    print(f"wrote {stem}.json, .md, .png in {data['wall_s']:.0f}s")
+    return data
+
+
+def main_target(args, targets: list[float]) -> dict[str, Any]:
+    methods = args.methods
+    t0 = time.perf_counter()
+    jobs: list[tuple[str, Optional[float], int]] = []
+    for seed in args.seeds:
+        if "dense" in methods:
+            jobs.append(("dense", None, seed))
+        jobs += [(m, t, seed) for t in targets for m in methods if m != "dense"]
+    print(f"{len(jobs)} trainings ({args.epochs} epochs each), {args.jobs} at a time", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.keep_runs or tmp)
+        results, failures = run_all(
+            jobs, lambda j: run_target(j[0], j[1], j[2], args.epochs, workdir, args.dataset, targets),
+            _describe_target, args.jobs, print_fn=lambda s: print(s, flush=True))
+    wall = time.perf_counter() - t0
+    runs = [r for r in results if r is not None]
+    if not runs:
+        raise SystemExit("every training failed:\n" + "\n\n".join(failures))
+    summary = summarize_target(runs, targets)
+    images = next((r.get("val_images") for r in runs if r.get("val_images")), None)
+
+    env = environment("cpu")
+    env_line = f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(out, "target", args.dataset)
+    write_json(str(stem) + ".json", {
+        "environment": env, "env_line": env_line,
+        "args": {"seeds": args.seeds, "epochs": args.epochs, "methods": methods, "dataset": args.dataset,
+                 "jobs": args.jobs},
+        "targets": targets,
+        "configs": {k: {"flags": v[0], "label": v[1]} for k, v in TARGET_CONFIGS.items() if k in methods},
+        "summary": summary, "winners": target_winners(summary, targets, images),
+        "runs": runs, "failures": failures, "wall_s": wall,
+    })
+    res = render_target(stem)
+    if failures:
+        print(f"{len(failures)} training(s) failed:\n" + "\n\n".join(failures), file=sys.stderr)
+    return res
+
+
+# ---------------------------------------------------------------------- command line
+def _targets(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated fractions, e.g. 0.9,0.95,0.98,0.99")
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one sparsity, e.g. 0.9")
+    bad = [v for v in vals if not 0.0 < v < 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad}: a target sparsity is a fraction strictly between 0 and 1 "
+                                         f"(0.9 = 90% of the weights pruned)")
+    return sorted(set(vals))
+
+
+def _dataset(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a dataset name of letters, digits, '_' and '-' (it goes into "
+                                         f"the result file names), e.g. mnist")
+    return text
 
 
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(CONFIGS), help=f"subset of {list(CONFIGS)}")
-    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel runs (one thread each)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=None,
+                   help=f"subset of {list(CONFIGS)} (target mode: of {list(TARGET_CONFIGS)}); default all")
+    p.add_argument("--target-sparsity", type=_targets, default=None, metavar="S1,S2,...",
+                   help="target mode: train every method aimed at each of these sparsities (see the module docstring)")
+    p.add_argument("--dataset", type=_dataset, default=None,
+                   help=f"passed to train.py (default: its {DEFAULT_DATASET!r}); other names go into the file names")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel runs, one thread each (default: CPU cores)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--keep-runs", default=None, help="keep every run's output directory here")
-    p.add_argument("--render-only", action="store_true", help="rewrite the .md and .png from the existing .json")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the .md and .png from the existing .json (with --target-sparsity: the target-mode "
+                        "files; their targets come from the .json)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give at least 1")
+    if args.epochs < 1:
+        p.error(f"--epochs {args.epochs}: give at least 1")
+    target_mode = args.target_sparsity is not None
     if args.render_only:
-        return render(Path(args.out) / "compare_methods_embedded")
-    unknown = set(args.methods) - set(CONFIGS)
+        stem = _stem(Path(args.out), "target" if target_mode else "embedded", args.dataset)
+        if not Path(str(stem) + ".json").is_file():
+            p.error(f"--render-only: {stem}.json does not exist; run the comparison first")
+        return render_target(stem) if target_mode else render(stem)
+    choices = TARGET_CONFIGS if target_mode else CONFIGS
+    if args.methods is None:
+        args.methods = list(choices)
+    unknown = set(args.methods) - set(choices)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; choose from {list(CONFIGS)}")
+        why = " (target mode steers α itself; \"pilot_init\" is the constant-α ablation of the sweep mode)" \
+            if target_mode and "pilot_init" in unknown else ""
+        p.error(f"unknown methods {sorted(unknown)}; choose from {list(choices)}{why}")
+    if target_mode:
+        return main_target(args, args.target_sparsity)
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep_runs or tmp)
         jobs = [(c, s) for s in args.seeds for c in args.methods]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda cs: run_one(cs[0], cs[1], args.epochs, workdir), jobs))
+        results, failures = run_all(
+            jobs, lambda cs: run_one(cs[0], cs[1], args.epochs, workdir, args.dataset),
+            lambda cs, r: f"{cs[0]} seed {cs[1]}: unpruned top-1 {r['rows'][0]['top1']:.2f}%, {r['wall_s']:.0f} s",
+            args.jobs, print_fn=lambda s: print(s, flush=True))
+    if failures:  # the sweep table needs every method at every seed
+        raise RuntimeError("\n\n".join(failures))
+    runs = [r for r in results if r is not None]
     wall = time.perf_counter() - t0
     summary = summarize(runs)
 
@@ -200,10 +717,10 @@ def main(argv=None) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / "compare_methods_embedded"
+    stem = _stem(out, "embedded", args.dataset)
     write_json(str(stem) + ".json", {
         "environment": env, "env_line": env_line,
-        "args": {"seeds": args.seeds, "epochs": args.epochs, "methods": args.methods},
+        "args": {"seeds": args.seeds, "epochs": args.epochs, "methods": args.methods, "dataset": args.dataset},
         "configs": {k: {"flags": v[0], "label": v[1]} for k, v in CONFIGS.items() if k in args.methods},
         "sparsities": SPARSITIES, "summary": summary, "runs": runs, "wall_s": wall,
     })
@@ -223,12 +740,16 @@ def render(stem: Path) -> dict[str, Any]:
     series = {ROW_NAMES[k]: v["rows"] for k, v in summary.items() if k != "dense"}
     bands = {ROW_NAMES[k]: ([r["min"] for r in v["rows"]], [r["max"] for r in v["rows"]])
              for k, v in summary.items() if k != "dense"}
+    dataset = getattr(args, "dataset", None) or DEFAULT_DATASET
+    data_title = "digits_cnn on sklearn digits" if dataset == DEFAULT_DATASET else \
+        f"{next((r.get('arch') for r in runs if r.get('arch')), 'model')} on {dataset}"
     plot_sweeps(str(stem) + ".png", series, bands=bands,
-                title=f"digits_cnn on sklearn digits, {args.epochs} epochs, {len(args.seeds)} seeds (mean, min–max)")
+                title=f"{data_title}, {args.epochs} epochs, {len(args.seeds)} seeds (mean, min–max)")
     print(md)
     print(f"wrote {stem}.json, .md, .png in {wall:.0f}s")
     return {"summary": summary, "runs": runs, "wall_s": wall}
 
 
 if __name__ == "__main__":
-    main()
+    res = main()
+    sys.exit(1 if res.get("failures") else 0)
