@@ -59,6 +59,15 @@ Target sparsity (ours, beyond the paper): :class:`TargetSparsity` steers α towa
 model that prunes well at a chosen sparsity, reading :func:`prunable_share`, the share
 of ``Σ|x|`` held by the smallest ``target`` fraction of the reparameterized entries (a
 measure that does not depend on the model's size or scale, unlike Algorithm 1's ``K``).
+
+Other optimizers.  The schedulers only read and write ``group["alpha"]``: any
+``torch.optim.Optimizer`` whose every param group carries an ``"alpha"`` entry can be
+driven, e.g. the explicit-L1 baseline, SGD whose groups hold the α of the
+``α·sign(x)`` term the training step adds (:func:`pilot_kernels.sparsity.add_l1_subgradient_`
+with ``group["alpha"]``).  The entry travels with ``optimizer.state_dict()`` like any
+group hyperparameter.  :class:`TargetSparsity` then needs ``measure=``, the tensors
+whose prunability it reads (PILoT marks its reparameterized tensors itself);
+:class:`AdaptiveAlpha` needs PILoT's ``l1_norm()``.
 """
 from __future__ import annotations
 
@@ -90,13 +99,18 @@ __all__ = [
 def _check_alpha_optimizer(optimizer: Any) -> None:
     """Raise unless ``optimizer`` is an Optimizer whose every group has an ``alpha``."""
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} is not an Optimizer; pass the PILoT optimizer")
+        raise TypeError(
+            f"{type(optimizer).__name__} is not an Optimizer; pass a pilot_kernels.PILoT optimizer, "
+            "or a torch optimizer whose param groups carry an 'alpha' entry"
+        )
     for i, group in enumerate(optimizer.param_groups):
         if "alpha" not in group:
             raise ValueError(
                 f"param_groups[{i}] of {type(optimizer).__name__} has no 'alpha'; alpha "
-                "schedulers drive PILoT's decay strength, so pass a pilot_kernels.PILoT "
-                "optimizer (for the learning rate use torch.optim.lr_scheduler)"
+                "schedulers drive each group's group['alpha']: pass a pilot_kernels.PILoT "
+                "optimizer, or give every param group an 'alpha' entry that your training "
+                "step reads (e.g. SGD groups whose α scales an explicit L1 term α·sign(x)); "
+                "for the learning rate use torch.optim.lr_scheduler"
             )
 
 
@@ -177,7 +191,8 @@ class AlphaScheduler:
 
     Args:
         optimizer (Optimizer): the optimizer whose groups' ``alpha`` this drives
-            (a :class:`pilot_kernels.PILoT`).
+            (a :class:`pilot_kernels.PILoT`, or any optimizer whose every param group
+            has an ``"alpha"`` entry).
         last_epoch (int): index of the last period seen.  Use ``-1`` (default) to start;
             use another value only to resume by hand, with ``initial_alpha`` already in
             every group (as after loading the optimizer's state_dict).
@@ -380,17 +395,18 @@ def _check_total_epochs(total_epochs: Any) -> None:
 
 
 def _check_alpha0_positive(optimizer: Optimizer, who: str = "AdaptiveAlpha scales α by δ or 1/δ") -> None:
-    """Raise if every group that holds reparameterized tensors has α = 0: ·δ keeps it 0."""
+    """Raise if every group that holds reparameterized tensors (any optimizer other than
+    PILoT: every group) has α = 0: ·δ keeps it 0."""
     is_split = getattr(optimizer, "is_reparameterized", None)
     groups = optimizer.param_groups
     if callable(is_split):
         split = [g for g in groups if any(is_split(optimizer.state[p]) for p in g["params"])]
         groups = split or groups
     if groups and all(float(g["alpha"]) == 0.0 for g in groups):
+        which = "with reparameterized tensors" if callable(is_split) else f"of the {type(optimizer).__name__}"
         raise ValueError(
-            f"{who}, and every group with reparameterized tensors "
-            "has α = 0, which can never grow; build PILoT with alpha > 0 (the paper starts "
-            "at 7e-6 to 7e-5 on ImageNet) or use a static schedule"
+            f"{who}, and every group {which} has α = 0, which can never grow; start from "
+            "alpha > 0 (the paper starts PILoT at 7e-6 to 7e-5 on ImageNet) or use a static schedule"
         )
 
 
@@ -650,9 +666,9 @@ class TargetSparsity(AlphaScheduler):
 
     Call :meth:`step` once per period (an epoch, or every ``N`` optimizer steps: the
     caller's choice) with the period's training accuracy :math:`a_k`.  It reads
-    :math:`s_k` = :func:`prunable_share` ``(optimizer, target)``, the share of
-    :math:`\sum|x|` that pruning the smallest ``target`` fraction of the reparameterized
-    entries would remove, and with :math:`\hat a_{k-1} = \max_{i<k} a_i`
+    :math:`s_k` = :func:`prunable_share` ``(measure, target)``, the share of
+    :math:`\sum|x|` that pruning the smallest ``target`` fraction of the measured
+    entries (by default PILoT's reparameterized tensors) would remove, and with :math:`\hat a_{k-1} = \max_{i<k} a_i`
     (:math:`\hat a_0 = 0`), :math:`T` = ``total_epochs`` periods and
     :math:`D = \lfloor \text{decay\_start} \cdot T \rfloor`:
 
@@ -688,13 +704,21 @@ class TargetSparsity(AlphaScheduler):
     given in 0..1 or 0..100).
 
     Cost per :meth:`step`: one :func:`prunable_share` (one pass over the
-    reparameterized entries, no host sync) and one host sync to read it; under FSDP2 one
+    measured entries, no host sync) and one host sync to read it; under FSDP2 one
     all-reduce of 256 KiB.  Under DDP pass the accuracy averaged over the ranks (the
     same number on every rank), so that every rank takes the same decision.
 
+    Any optimizer whose param groups carry ``"alpha"`` (see the module docstring): with
+    ``measure`` naming the weights α sparsifies, the same rule drives, e.g., the α of an
+    explicit L1 term ``α·sign(x)`` added to SGD's gradients.  The measured tensors are
+    not part of :meth:`state_dict` (nor of the optimizer's): a resumed run passes them
+    again, as it passes the optimizer.
+
     Args:
         optimizer (Optimizer): a :class:`pilot_kernels.PILoT` with α > 0 in a group
-            that holds reparameterized tensors (a multiplicative rule cannot leave 0).
+            that holds reparameterized tensors (a multiplicative rule cannot leave 0),
+            or another optimizer whose every group has an ``"alpha"`` (not all 0) when
+            ``measure`` is given.
         target (float): the sparsity to aim at, in ``(0, 1)``, e.g. 0.9.
         total_epochs (int): ``T``, the number of periods :meth:`step` will be called.
         tolerance (float): ``τ`` in ``(0, 1)`` (default 0.02), the share of ``Σ|x|``
@@ -710,6 +734,10 @@ class TargetSparsity(AlphaScheduler):
             (default 0.75; Algorithm 1 uses 0.5).
         acc_tolerance (float): ``ε`` in ``[0, 1)`` (default 0.01), the relative drop
             from the best accuracy that still counts as holding.
+        measure (Tensor | Iterable[Tensor] | None): keyword only; the tensors whose
+            share is read, ranked together (e.g. the model's weights with ``ndim >= 2``).
+            ``None`` (default): the optimizer's reparameterized tensors, which only a
+            :class:`pilot_kernels.PILoT` marks.
         last_epoch (int): as for :class:`AlphaScheduler`.
         resume (bool): as for :class:`AlphaScheduler`.
 
@@ -726,6 +754,13 @@ class TargetSparsity(AlphaScheduler):
         ...     sched.step(train_acc)
         ...     print(epoch, sched.get_last_alpha(), sched.last_share)
         >>> pilot_kernels.prune_(model, opt, sparsity=0.9)
+
+        >>> # The explicit-L1 baseline: SGD whose group carries α, read by the step.
+        >>> weights = [p for p in model.parameters() if p.ndim >= 2]
+        >>> sgd = torch.optim.SGD([{"params": model.parameters(), "alpha": 1e-4}], lr=0.1)
+        >>> sched = TargetSparsity(sgd, target=0.9, total_epochs=40, measure=weights)
+        >>> # each step: loss.backward();
+        >>> # add_l1_subgradient_(weights, sgd.param_groups[0]["alpha"]); sgd.step()
     """
 
     _SETTINGS = ("target", "total_epochs", "tolerance", "grow", "shrink", "decay",
@@ -743,10 +778,26 @@ class TargetSparsity(AlphaScheduler):
         decay: float = 0.5,
         decay_start: float = 0.75,
         acc_tolerance: float = 0.01,
+        measure: Any = None,
         last_epoch: int = -1,
         resume: bool = True,
     ) -> None:
         _check_alpha_optimizer(optimizer)
+        if measure is None:
+            if not callable(getattr(optimizer, "is_reparameterized", None)):
+                raise TypeError(
+                    f"TargetSparsity reads the share of the weights that α sparsifies; "
+                    f"{type(optimizer).__name__} does not mark them (PILoT does): pass "
+                    "measure=, the tensors to measure (e.g. the model's weights with ndim >= 2)"
+                )
+            measured = None
+        elif isinstance(measure, Optimizer):
+            raise TypeError(
+                "measure must be a tensor or an iterable of tensors (leave it out to measure "
+                "the PILoT optimizer's reparameterized tensors)"
+            )
+        else:
+            measured = _share_tensors(measure)  # a generator is read once, here
         self.target = _check_fraction("target", target, "the sparsity to aim at, e.g. 0.9")
         _check_total_epochs(total_epochs)
         self.tolerance = _check_fraction(
@@ -766,7 +817,10 @@ class TargetSparsity(AlphaScheduler):
                 "still counts as holding, in [0, 1) (0.01: 1%)"
             )
         _check_alpha0_positive(optimizer, "TargetSparsity scales α up and down")
-        _share_tensors(optimizer)  # refuses an optimizer with nothing to measure
+        if measured is None:
+            _share_tensors(optimizer)  # refuses an optimizer with nothing to measure
+        # Not progress: kept out of state_dict() (and so of the optimizer's).
+        self._measure: Optional[list[Tensor]] = measured
         self.total_epochs = total_epochs
         self.grow, self.shrink = float(grow), float(shrink)
         self.decay_start = float(decay_start)
@@ -779,6 +833,10 @@ class TargetSparsity(AlphaScheduler):
 
     def _compute_alphas(self) -> list[float]:
         return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state: every attribute except the optimizer and the measured tensors."""
+        return {k: v for k, v in super().state_dict().items() if k != "_measure"}
 
     def decide(self, share: float, acc: float) -> str:
         """The rule alone: ``"grow"``, ``"shrink"`` or ``"decay"`` for period
@@ -793,10 +851,11 @@ class TargetSparsity(AlphaScheduler):
         """End period ``k = last_epoch + 1`` with its training accuracy ``train_acc`` (a
         number or a one-element tensor, any scale used consistently)."""
         acc = AdaptiveAlpha._to_float(train_acc)
-        share = float(prunable_share(self.optimizer, self.target))  # the one host sync
+        source = self.optimizer if self._measure is None else self._measure
+        share = float(prunable_share(source, self.target))  # the one host sync
         if not math.isfinite(share):
             raise ValueError(
-                "prunable_share is NaN: a reparameterized weight is NaN or infinite; the run "
+                "prunable_share is NaN: a measured weight is NaN or infinite; the run "
                 "has diverged (lower the learning rate or α); α was not changed"
             )
         action = self.decide(share, acc)

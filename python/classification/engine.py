@@ -94,7 +94,9 @@ def train_one_epoch(
         if args.method == "l1":
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            add_l1_subgradient_((p for p in model_without_ddp.parameters() if p.ndim >= 2), args.alpha)
+            # α from the group (an α schedule, e.g. --target-sparsity, may change it).
+            for group in optimizer.param_groups:
+                add_l1_subgradient_((p for p in group["params"] if p.ndim >= 2), float(group["alpha"]))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

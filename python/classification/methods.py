@@ -8,6 +8,15 @@ l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·si
           on the tensors with ``ndim >= 2`` (:func:`pilot_kernels.sparsity.add_l1_subgradient_`)
 ========  ==========================================================================
 
+α lives in the param groups for every method but dense: PILoT's ``alpha``, and for l1
+an ``"alpha"`` entry of SGD's group that the training step reads (so that it travels
+with the optimizer's state_dict and an α schedule can drive it).
+
+Target sparsity (``--target-sparsity S``).  pilot and spred get
+:class:`pilot_kernels.schedules.TargetSparsity` (``--alpha-schedule target``) on their
+reparameterized tensors; l1 gets the same controller on SGD's ``"alpha"``, measuring
+the tensors with ``ndim >= 2``; dense has no α and is only pruned to ``S`` at the end.
+
 Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
 ``pilot``/``spred`` use two param groups: the reparameterized tensors (``ndim >= 2``)
 get ``--x-weight-decay`` (PILoT's ``weight_decay``: an L2 term on ``m ⊙ w``), the others
@@ -30,12 +39,14 @@ from pilot_kernels.schedules import (
     GeometricAlpha,
     HarmonicAlpha,
     QuadraticAlpha,
+    TargetSparsity,
+    prunable_share,
 )
 from pilot_kernels.dtensor import all_reduce_over_shards_, local, shard_groups
 from pilot_kernels.sparsity import sparsity_report
 
 METHODS = ("dense", "pilot", "spred", "l1")
-ALPHA_SCHEDULES = ("adaptive", "constant", "geometric", "harmonic", "quadratic")
+ALPHA_SCHEDULES = ("adaptive", "constant", "geometric", "harmonic", "quadratic", "target")
 # Default weight decay on the tensors that are not reparameterized / on all tensors.
 DEFAULT_WD = {"dense": 1e-4, "l1": 1e-4, "pilot": 0.0, "spred": 0.0}
 
@@ -52,7 +63,9 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     """The optimizer of ``args.method`` over ``model``'s parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not uses_pilot(args.method):
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        # l1: one group as for dense, carrying the α that the step's α·sign(x) reads.
+        groups = [{"params": params, "alpha": args.alpha}] if args.method == "l1" else params
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                                weight_decay=args.wd)
     split = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
@@ -63,11 +76,22 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
                  alpha=args.alpha, beta=args.beta)
 
 
+def weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's tensors with ``ndim >= 2``: the ones α sparsifies and the sweep prunes."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.ndim >= 2]
+
+
 def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -> Optional[AlphaScheduler]:
-    """The α schedule (stepped once per epoch); ``None`` for dense and l1."""
+    """The α schedule (stepped once per epoch); ``None`` for dense, and for l1 without
+    ``--target-sparsity`` (its α stays constant)."""
+    target = getattr(args, "target_sparsity", None)
     if not isinstance(optimizer, PILoT):
-        return None
+        if target is None or args.method != "l1":
+            return None
+        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance, measure=weights(optimizer))
     kind = args.alpha_schedule
+    if kind == "target":
+        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance)
     if kind == "adaptive":
         return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold)
     if kind == "constant":
@@ -84,17 +108,24 @@ def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -
 def step_alpha(scheduler: Optional[AlphaScheduler], train_acc: float) -> None:
     if scheduler is None:
         return
-    if isinstance(scheduler, AdaptiveAlpha):
+    if isinstance(scheduler, (AdaptiveAlpha, TargetSparsity)):
         scheduler.step(train_acc)
     else:
         scheduler.step()
 
 
 def current_alpha(optimizer: torch.optim.Optimizer, args) -> float:
-    """α of the reparameterized group (PILoT) or the constant L1 strength (l1)."""
-    if isinstance(optimizer, PILoT):
-        return float(optimizer.param_groups[0]["alpha"])
-    return float(args.alpha) if args.method == "l1" else 0.0
+    """α of the reparameterized group (PILoT) or the L1 strength of SGD's group (l1); 0 for dense."""
+    return float(optimizer.param_groups[0].get("alpha", 0.0))
+
+
+@torch.no_grad()
+def share_at(optimizer: torch.optim.Optimizer, target: float) -> float:
+    """:func:`~pilot_kernels.schedules.prunable_share` at ``target`` of the tensors with
+    ``ndim >= 2`` (PILoT: its reparameterized ones, the same set in this trainer): the
+    share of ``Σ|x|`` that pruning to ``target`` removes.  With FSDP2 parameters a
+    collective: call it on every rank."""
+    return float(prunable_share(optimizer if isinstance(optimizer, PILoT) else weights(optimizer), target))
 
 
 @torch.no_grad()

@@ -55,10 +55,12 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def plot_sweeps(path: str, series: dict[str, Sequence[dict[str, float]]], title: str = "",
-                bands: Optional[dict[str, tuple[Sequence[float], Sequence[float]]]] = None) -> None:
+                bands: Optional[dict[str, tuple[Sequence[float], Sequence[float]]]] = None,
+                target: Optional[float] = None) -> None:
     """Top-1 vs sparsity, one line per series; x axis in ``-log10(1 - sparsity)`` so the
     high-sparsity end is readable (ticks labelled in percent).  ``bands`` (name →
-    (low, high) per row) draws a shaded range, e.g. min/max over seeds."""
+    (low, high) per row) draws a shaded range, e.g. min/max over seeds; ``target`` (a
+    fraction, ``--target-sparsity``) a dashed vertical line at that sparsity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +77,8 @@ def plot_sweeps(path: str, series: dict[str, Sequence[dict[str, float]]], title:
         if bands and name in bands:
             lo, hi = bands[name]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    if target is not None:
+        ax.axvline(xpos(target), color="0.3", ls="--", lw=1, label=f"target {100 * target:g}%")
     top = max((r["sparsity"] for rows in series.values() for r in rows), default=0.0)
     ticks = [t for t in (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 0.99999, 0.999999)
              if t <= top + 1e-9]

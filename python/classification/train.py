@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from pilot_kernels import PILoT
+from pilot_kernels.schedules import TargetSparsity
 from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep
 
 import checkpoint as ckpt
@@ -74,6 +75,7 @@ from methods import (
     build_optimizer,
     current_alpha,
     default_beta,
+    share_at,
     l1_norm,
     lr_lambda_factory,
     sparsities_at,
@@ -94,6 +96,8 @@ from report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_
 EMBEDDED = dict(arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=0.1, momentum=0.9, lr_warmup_epochs=2,
                 label_smoothing=0.0, alpha={"pilot": 2e-2, "spred": 1e-2, "l1": 5e-3, "dense": 0.0},
                 l1_threshold=250.0)
+# τ of --target-sparsity (TargetSparsity's tolerance).
+DEFAULT_SHARE_TOLERANCE = 0.02
 # torchvision's reference defaults, for --data-path without a preset.
 GENERIC = dict(arch="resnet18", epochs=90, batch_size=32, lr=0.1, momentum=0.9, lr_warmup_epochs=0,
                label_smoothing=0.0, alpha={"pilot": 1e-5, "spred": 1e-5, "l1": 1e-5, "dense": 0.0},
@@ -149,7 +153,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, default=None, help="dense (SGD), pilot (β=1, adaptive α), spred (β=0, constant α), l1 (SGD + α·sign(x)); default pilot")
     g.add_argument("--alpha", type=float, default=None, help="initial α of PILoT/spred, or the L1 strength of l1")
     g.add_argument("--beta", type=float, default=None, help="split m² − w² = β (default 1 for pilot, 0 for spred)")
-    g.add_argument("--alpha-schedule", choices=ALPHA_SCHEDULES, default=None, help="default: adaptive for pilot, constant for spred")
+    g.add_argument("--alpha-schedule", choices=ALPHA_SCHEDULES, default=None,
+                   help="default: adaptive for pilot, constant for spred; with --target-sparsity: target "
+                        "(pilot_kernels.schedules.TargetSparsity), the only one it takes")
+    g.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                   help="train for a model pruned to exactly S (a fraction in (0, 1), e.g. 0.9): α of pilot/spred/l1 "
+                        "is steered by TargetSparsity (grown while pruning to S would remove more than "
+                        "--share-tolerance of Σ|x| and the train accuracy holds, else shrunk; decayed over the last "
+                        "quarter of the epochs); dense only prunes. The run exports at S and reports top-1 at S")
+    g.add_argument("--share-tolerance", type=float, default=None, metavar="TAU",
+                   help="τ of --target-sparsity: the share of Σ|x| that pruning to S may remove (default 0.02)")
     g.add_argument("--alpha-p", type=float, default=0.95, help="ratio of --alpha-schedule geometric")
     g.add_argument("--delta", type=float, default=None, help="δ of the adaptive schedule (default 1.01)")
     g.add_argument("--l1-threshold", type=float, default=None, help="K of the adaptive schedule: α only grows while Σ|x| > K")
@@ -359,7 +372,12 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     args.l1_threshold = pick("l1_threshold", base["l1_threshold"])
     args.x_weight_decay = pick("x_weight_decay", 0.0)
     args.wd = pick("wd", DEFAULT_WD[args.method])
-    args.alpha_schedule = pick("alpha_schedule", "constant" if args.method == "spred" else "adaptive")
+    target = args.target_sparsity
+    args.alpha_schedule = pick("alpha_schedule", "target" if target is not None and args.method != "dense" else
+                               "constant" if args.method == "spred" else "adaptive")
+    args.share_tolerance = pick("share_tolerance", DEFAULT_SHARE_TOLERANCE)
+    if target is not None and args.export_sparsity is None:
+        args.export_sparsity = target  # the run is for a model at S
     if args.progress is None:
         args.progress = sys.stderr.isatty()
     if args.log_iters is None:
@@ -370,7 +388,8 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     args.thresholds = _floats("--sparsity-thresholds", args.sparsity_thresholds)
     args.sweep = _floats("--sweep-sparsities", args.sweep_sparsities) if args.sweep_sparsities else list(DEFAULT_SWEEP)
     validate_args(args, given)
-    args.sweep = sorted(set(args.sweep) | {0.0})  # the unpruned model is the reference row
+    # The unpruned model is the reference row; S is the row the run is for.
+    args.sweep = sorted(set(args.sweep) | {0.0} | ({target} if target is not None else set()))
     return args
 
 
@@ -429,6 +448,28 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
          "stays 0; give --alpha > 0, or --alpha-schedule constant for training without the α term")
     need(not (args.resume and args.overwrite), "--overwrite starts a new run and --resume continues one: give one of "
                                                "them")
+    # Target sparsity.
+    target = args.target_sparsity
+    if target is None:
+        need(args.alpha_schedule != "target", "--alpha-schedule target steers α towards a sparsity: give "
+                                              "--target-sparsity S too (e.g. 0.9)")
+        need("share_tolerance" not in given, "--share-tolerance is τ of --target-sparsity: give --target-sparsity S too")
+    else:
+        need(finite(target) and 0 < target < 1,
+             f"--target-sparsity {target:g}: give the fraction of weights to prune, in (0, 1), e.g. 0.9")
+        need(not (pilot and args.alpha_schedule != "target"),
+             f"--alpha-schedule {args.alpha_schedule} with --target-sparsity: the target mode steers α itself "
+             "(--alpha-schedule target, its default); leave out --alpha-schedule, or --target-sparsity")
+        need(args.export_sparsity is None or math.isclose(args.export_sparsity, target, rel_tol=0, abs_tol=1e-12),
+             f"--export-sparsity {args.export_sparsity:g} with --target-sparsity {target:g}: the run exports at "
+             "the target sparsity; leave out --export-sparsity (or give the same value)")
+        need(not args.cycles, "--target-sparsity trains one model for one sparsity, --cycles prunes iteratively: "
+                              "give one of them")
+        need(not (args.method == "l1" and args.alpha == 0),
+             "--alpha 0 with --method l1 --target-sparsity: the controller multiplies α, so it stays 0; give "
+             "--alpha > 0 (the starting α)")
+    need(finite(args.share_tolerance) and 0 < args.share_tolerance < 1,
+         f"--share-tolerance {args.share_tolerance}: give τ, a fraction in (0, 1), e.g. 0.02")
     # Data and model.
     need(not (args.synthetic and args.data_path), "--synthetic and --data-path exclude each other; give one")
     need(not (args.preset and embedded), f"--preset {args.preset} trains on ImageNet: give --data-path (or --synthetic)")
@@ -537,12 +578,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def epoch_line(r: dict[str, Any], total: int) -> str:
+def epoch_line(r: dict[str, Any], total: int, target: Optional[float] = None) -> str:
     sp = " ".join(f"{t}:{100 * s:.1f}%" for t, s in r["sparsity"].items())
     cyc = f" cycle {r['cycle']}" if "cycle" in r else ""
+    share = f" share@{100 * target:g}% {r['share']:.4f}" if "share" in r and target is not None else ""
     return (f"epoch {r['epoch'] + 1:>3}/{total}{cyc} | train loss {r['train']['loss']:.4f} acc {r['train']['acc']:6.2f}% "
             f"| val top1 {r['val']['top1']:6.2f}% top5 {r['val']['top5']:6.2f}% | lr {r['lr']:.4g} | "
-            f"α {r['alpha']:.3g} | L1 {r['l1']:.4g} | sparsity |x|<=t {sp} | {r['time_s']:.1f}s")
+            f"α {r['alpha']:.3g}{share} | L1 {r['l1']:.4g} | sparsity |x|<=t {sp} | {r['time_s']:.1f}s")
 
 
 # ---------------------------------------------------------------------- main
@@ -650,6 +692,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
             model_without_ddp.load_state_dict(state["model"])
             # also an FSDP checkpoint (optimizer keyed by parameter name)
             optimizer.load_state_dict(fsdp_utils.optimizer_sd_to_ids(state["optimizer"], model_without_ddp, optimizer))
+        if args.method == "l1":  # a checkpoint from before l1's α lived in SGD's group
+            for group in optimizer.param_groups:
+                group.setdefault("alpha", args.alpha)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if alpha_scheduler is not None:
             alpha_scheduler.load_state_dict(state["alpha_scheduler"])
@@ -685,15 +730,21 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     eval_model = torch.compile(model_without_ddp) if args.compile else model_without_ddp
 
     log = Logger(info, out_dir, args.tensorboard, state["epoch"] if state is not None else None)
+    target_mode = isinstance(alpha_scheduler, TargetSparsity)
     n_reparam = n_weights(model_without_ddp)
     n_all = sum(p.numel() for p in model_without_ddp.parameters())
     log.print(f"data: {data.description}")
     log.print(f"model: {args.arch}, {n_all:,} parameters ({n_reparam:,} in tensors with ndim >= 2) | "
               f"device {device} x {info.world_size}{' (FSDP2)' if args.fsdp else ''}"
               + (f" | params {args.param_dtype}" if args.param_dtype != "fp32" else "") + f" | method {args.method}"
-              + (f" (β={args.beta:g}, α0={args.alpha:g}, schedule {args.alpha_schedule}, δ={args.delta:g}, K={args.l1_threshold:g}, "
-                 f"x-wd={args.x_weight_decay:g}, wd(rest)={args.wd:g})" if uses_pilot(args.method) else
-                 f" (wd={args.wd:g}" + (f", L1 α={args.alpha:g})" if args.method == "l1" else ")"))
+              + (f" (β={args.beta:g}, α0={args.alpha:g}, schedule {args.alpha_schedule}, "
+                 + (f"δ={args.delta:g}, K={args.l1_threshold:g}, " if args.alpha_schedule == "adaptive" else "")
+                 + f"x-wd={args.x_weight_decay:g}, wd(rest)={args.wd:g})" if uses_pilot(args.method) else
+                 f" (wd={args.wd:g}" + (f", L1 α={args.alpha:g}" + (" (α0)" if target_mode else "") + ")"
+                                        if args.method == "l1" else ")"))
+              + (f" | target sparsity {100 * args.target_sparsity:g}%"
+                 + (f" (α steered, τ={args.share_tolerance:g})" if target_mode else " (pruned at the end)")
+                 if args.target_sparsity is not None else "")
               + f" | lr {args.lr:g}, batch {args.batch_size}x{info.world_size}, {epochs_total} epochs"
               + (f" ({args.cycles + 1} cycles, prune rate {args.prune_rate:g}, {args.rewind} rewinding)" if args.cycles else ""))
     if resume_path:
@@ -731,6 +782,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
                 "sparsity": sparsities_at(model_without_ddp, optimizer, args.thresholds),
                 "time_s": time.perf_counter() - t0,
             }
+            if args.target_sparsity is not None:  # what pruning to S would remove (read by the controller too)
+                last = getattr(alpha_scheduler, "last_share", None)
+                record["share"] = last if last is not None else share_at(optimizer, args.target_sparsity)
             if args.cycles:
                 record["cycle"] = cycle
             if masks is not None:
@@ -745,7 +799,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
                 raise NonFiniteLossError(f"the weights are not finite after epoch {epoch + 1} (validation loss "
                                          f"{val['loss']}, L1 norm {record['l1']})")
             history.append(record)
-            log.print(epoch_line(record, epochs_total))
+            log.print(epoch_line(record, epochs_total, args.target_sparsity))
             log.epoch(record)
             save_checkpoint(args, info, epoch, model_without_ddp, optimizer, lr_scheduler, alpha_scheduler, scaler,
                             masks, rewind_snap, cycle_done)
@@ -849,6 +903,7 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
         skipped = "the unpruned model has no nonzero weight in its tensors with ndim >= 2; give a smaller --alpha"
     export_s = None if skipped else args.export_sparsity if args.export_sparsity is not None else pick["target"]
     out.update({"sweep": rows, "export_sparsity": export_s})
+    exported = None
     if export_s is not None:
         state_dict = export_state_dict(model_without_ddp, opt, sparsity=export_s)
         if args.param_dtype != "fp32":  # the unmodified model's dtype (an exact upcast)
@@ -865,13 +920,23 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
     if skipped:
         out["export_skipped"] = skipped
         log.print(f"no sparse_model.pt: {skipped}")
+    target = None
+    if args.target_sparsity is not None:
+        at = next(r for r in rows if r["target"] == args.target_sparsity)  # resolve_args added S to the sweep
+        # reached: the exported model's measured sparsity (the sweep's measure of the same
+        # pruning when nothing was exported).
+        target = {"sparsity": args.target_sparsity, "top1": at["top1"], "top1_unpruned": unpruned["top1"],
+                  "reached": exported if exported is not None else at["sparsity"]}
+        out["target"] = target
     if info.is_main and args.output_dir:
         d = args.output_dir
         meta = {"method": args.method, "arch": args.arch, "num_classes": data.num_classes, "epochs": args.epochs,
                 "cycles": args.cycles, "seed": args.seed, "world_size": info.world_size}
         write_json(os.path.join(d, "sweep.json"), {**meta, "rows": rows, "best_within_1pt": pick,
-                                                   "export_skipped": skipped})
-        plot_sweeps(os.path.join(d, "sweep.png"), {args.method: rows}, title=f"{args.arch}, {args.method}")
+                                                   "export_skipped": skipped,
+                                                   **({"target": target} if target is not None else {})})
+        plot_sweeps(os.path.join(d, "sweep.png"), {args.method: rows}, title=f"{args.arch}, {args.method}",
+                    target=args.target_sparsity)
     if info.is_main and args.output_dir and not skipped:
         ckpt.atomic_save(state_dict, os.path.join(d, "sparse_model.pt"))
         top1 = min(rows, key=lambda r: abs(r["target"] - export_s))
@@ -880,6 +945,10 @@ def final_sweep(args, info, model_without_ddp, eval_model, optimizer, criterion,
                     "top1_at_nearest_sweep_point": top1["top1"] if math.isclose(top1["target"], export_s) else None})
         log.print(f"exported {os.path.join(d, 'sparse_model.pt')}: {100 * exported:.2f}% of the weights in tensors with "
                   f"ndim >= 2 are exact zeros; loads with {args.arch}.load_state_dict(strict=True)")
+    if target is not None:
+        log.print(f"target sparsity {100 * target['sparsity']:g}%: top-1 {target['top1']:.2f}% at "
+                  f"{100 * target['reached']:.2f}% sparse, unpruned {target['top1_unpruned']:.2f}% "
+                  f"({target['top1'] - target['top1_unpruned']:+.2f} points)")
     barrier()
     return out
 
