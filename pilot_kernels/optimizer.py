@@ -8,9 +8,11 @@ backends in :mod:`pilot_kernels.kernels` do the arithmetic.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -35,6 +37,17 @@ _STARTED = "momentum_started"
 # Group keys the step reads; a change of any of them re-validates the group.
 _HPARAM_KEYS = ("lr", "momentum", "dampening", "nesterov", "alpha", "beta", "weight_decay",
                 "maximize", "reparam", "backend", "capturable")
+
+# Readers for the step's gather, applied with map() so the per-tensor loop runs in C
+# (see PILoT._gather_unmoved).
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")    # AttributeError on a None gradient
+_VERSION = operator.attrgetter("_version")
+_PTR = operator.attrgetter("ptr")
+_DATA_PTR = Tensor.data_ptr
+_SPLIT_STATE = operator.itemgetter("m", "w", "momentum_m", "momentum_w", _STARTED)
+_SPLIT_STATE_NO_MOMENTUM = operator.itemgetter("m", "w")
+_SGD_STATE = operator.itemgetter(_SGD_MOMENTUM_KEY, _STARTED)
 
 
 # ---------------------------------------------------------------------- validation
@@ -165,13 +178,45 @@ class _Split:
 
 @dataclass(eq=False)
 class _Bucket:
-    """The reparameterized tensors of one group on one device with one dtype."""
+    """The reparameterized tensors of one group on one device with one dtype.
+
+    ``params``/``states`` (tuples, fixed with the plan) and ``ptrs`` are what the step's
+    gather reads when nothing moved (:meth:`PILoT._gather_unmoved`).  ``versions`` holds
+    every tensor's version counter after the bucket's last step if that step updated
+    all of them (else None).  It is then newer than the splits' own ``version``
+    (``stale``) until :meth:`flush` copies it there: a step that writes one list
+    instead of one attribute per tensor.
+    """
 
     device: torch.device
     dtype: torch.dtype
     backend: str
     splits: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
+    params: tuple = ()
+    states: tuple = ()
+    ptrs: list = field(default_factory=list)
+    versions: Optional[list] = None
+    stale: bool = False
+
+    def seal(self) -> None:
+        """Fix the tuples once every split is in (the plan is built)."""
+        self.params = tuple(s.p for s in self.splits)
+        self.states = tuple(s.state for s in self.splits)
+        # A split's ptr changes only where the plan is dropped (_set_factors,
+        # _adopt_writes), so the marks' addresses are fixed for the plan's life.
+        self.ptrs = list(map(_PTR, self.splits))
+        # The optimizer checks before every call that no x moved since the last (its
+        # write check): the Triton launcher need not compare x's addresses again.
+        self.workspace["xs_fixed"] = True
+
+    def flush(self) -> None:
+        """Copy ``versions`` into the splits' marks (before anything reads them one by
+        one, and before the bucket is dropped: the splits outlive it)."""
+        if self.stale:
+            for s, v in zip(self.splits, self.versions):
+                s.version = v
+            self.stale = False
 
 
 @dataclass(eq=False)
@@ -185,6 +230,14 @@ class _GroupPlan:
     skey: tuple    # _structure_key the plan was built for
     dense: list    # (p, state) of the tensors SGD updates
     buckets: list
+
+    def __post_init__(self) -> None:
+        self.dense_params = [p for p, _ in self.dense]
+        self.dense_states = [s for _, s in self.dense]
+
+    def flush(self) -> None:
+        for bucket in self.buckets:
+            bucket.flush()
 
 
 class PILoT(Optimizer):
@@ -448,7 +501,7 @@ class PILoT(Optimizer):
                 self._add_to_l1(p, state)
             if group["momentum"] != 0:
                 self._init_momentum(p, state)
-        self._plans.clear()
+        self._drop_plans()
 
     def _set_factors(self, p: Tensor, state: dict, m: Tensor, w: Tensor) -> None:
         """Make ``m, w = split(p)`` the tensor's factors and take ``p`` as it is now.
@@ -531,6 +584,14 @@ class PILoT(Optimizer):
                 if self.is_reparameterized(state):
                     self._add_to_l1(p, state)
 
+    def _drop_plans(self, gi: Optional[int] = None) -> None:
+        """Drop group ``gi``'s plan (every plan when None); the write marks its buckets
+        hold go back to the splits, which outlive it."""
+        for i in [gi] if gi is not None else list(self._plans):
+            plan = self._plans.pop(i, None)
+            if plan is not None:
+                plan.flush()
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -579,7 +640,7 @@ class PILoT(Optimizer):
                     workspace=bucket.workspace,
                 )
                 stepped.add(bucket.device)
-                self._mark_written(splits, args[0], args[6], group["momentum"] != 0)
+                self._mark_written(bucket, splits, args[0], args[6], group["momentum"] != 0)
         if not single_slot:
             for device in stepped:
                 self._l1_latest[device] = 1 - self._l1_latest[device]
@@ -607,8 +668,10 @@ class PILoT(Optimizer):
             if group["capturable"]:
                 self._hparams_to_device(group)
         if self._plans_state is not self.state:
-            self._plans.clear()
+            self._drop_plans()
             self._plans_state = self.state
+        elif plan is not None:
+            plan.flush()
         plan = self._build_plan(group)
         if not torch.compiler.is_compiling():
             self._plans[gi] = plan
@@ -640,6 +703,9 @@ class PILoT(Optimizer):
                     self._splits[id(p)] = s
             s.state = state
             bucket.splits.append(s)
+        if not compiling:
+            for bucket in buckets.values():
+                bucket.seal()
         return _GroupPlan(group["params"], len(group["params"]), _hparam_key(group),
                           _structure_key(group), dense, list(buckets.values()))
 
@@ -654,6 +720,10 @@ class PILoT(Optimizer):
         compiling = torch.compiler.is_compiling()
         plan = self._plan(gi, group)
         momentum = group["momentum"] != 0
+        if not compiling and not self._sharded:
+            gathered = self._gather_unmoved(plan, momentum)
+            if gathered is not None:
+                return gathered
         params, grads, bufs, firsts = [], [], [], []
         for p, state in plan.dense:
             g = p.grad
@@ -669,6 +739,7 @@ class PILoT(Optimizer):
         sharded = self._sharded
         written, buckets = [], []
         for bucket in plan.buckets:
+            bucket.flush()  # the marks are read one by one below
             splits, xs, gs, ms, ws, bms, bws, fs = [], [], [], [], [], [], [], []
             for s in bucket.splits:
                 p = s.p
@@ -702,16 +773,85 @@ class PILoT(Optimizer):
                 buckets.append((bucket, splits, (xs, gs, ms, ws, bms or None, bws or None, fs)))
         return (params, grads, bufs, firsts), buckets, written
 
-    def _mark_written(self, splits: list, xs: list, firsts: list, momentum: bool) -> None:
+    def _gather_unmoved(self, plan: _GroupPlan, momentum: bool) -> Optional[tuple]:
+        """``_gather``'s result when nothing it checks has moved, else None (the caller
+        then gathers tensor by tensor and finds what did).
+
+        Nothing moved: every tensor of the group has a dense gradient and every split
+        tensor still has the version counter and address of the optimizer's last write
+        to it (the same write check, on whole lists).  The plan's tuples are read with
+        ``map`` (the per-tensor loop runs in C), and the state values are read afresh:
+        the step sees a replaced buffer or a reset momentum flag as before.  For
+        ResNet-50's 161 tensors: 75 µs tensor by tensor, 51 µs so (min of 40
+        interleaved rounds of 200 calls, the shared 2-core machine under load).
+        Unsplit tensors without a gradient are left out here too; a split tensor
+        without one sends the group to the per-tensor path, which leaves it out and
+        keeps its own write mark.
+        """
+        params = plan.dense_params
+        dense: tuple = ([], [], [], [])
+        if params:
+            grads = list(map(_GRAD, params))
+            states = plan.dense_states
+            try:
+                if any(map(_IS_SPARSE, grads)):
+                    return None  # the per-tensor path raises the error
+            except AttributeError:  # a gradient is None: leave its tensor out
+                has = list(map(operator.is_not, grads, repeat(None)))
+                params = list(compress(params, has))
+                grads = list(compress(grads, has))
+                states = list(compress(states, has))
+                if any(map(_IS_SPARSE, grads)):
+                    return None
+            if momentum:
+                try:
+                    cols = list(zip(*map(_SGD_STATE, states)))
+                except KeyError:
+                    return None
+                dense = (params, grads, list(cols[0]), list(map(operator.not_, cols[1]))) if cols else dense
+            else:
+                dense = (params, grads, [], [])
+        buckets = []
+        for bucket in plan.buckets:
+            ps = bucket.params
+            if bucket.versions is None:  # the last step left some tensor out
+                return None
+            grads = list(map(_GRAD, ps))
+            try:
+                if any(map(_IS_SPARSE, grads)):
+                    return None
+            except AttributeError:
+                return None
+            if list(map(_VERSION, ps)) != bucket.versions or list(map(_DATA_PTR, ps)) != bucket.ptrs:
+                return None  # written since our last step
+            try:
+                cols = list(zip(*map(_SPLIT_STATE if momentum else _SPLIT_STATE_NO_MOMENTUM, bucket.states)))
+            except KeyError:
+                return None
+            if momentum:
+                args = (ps, grads, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]),
+                        list(map(operator.not_, cols[4])))
+            else:
+                args = (ps, grads, list(cols[0]), list(cols[1]), None, None, [True] * len(ps))
+            buckets.append((bucket, bucket.splits, args))
+        return dense, buckets, []
+
+    def _mark_written(self, bucket: _Bucket, splits: list, xs: Any, firsts: list, momentum: bool) -> None:
         """After a bucket's step: its momentum has started, and the versions after the
         write are the new marks (a backend may or may not bump them)."""
-        if momentum:
+        if momentum and any(firsts):
             for s, first in zip(splits, firsts):
                 if first:
                     s.state[_STARTED] = True
-        if not torch.compiler.is_compiling():
-            for s, x in zip(splits, xs):
-                s.version = x._version
+        if torch.compiler.is_compiling():
+            return
+        versions = list(map(_VERSION, xs))
+        if len(splits) == len(bucket.splits):  # every tensor stepped: one list
+            bucket.versions, bucket.stale = versions, True
+        else:
+            for s, v in zip(splits, versions):
+                s.version = v
+            bucket.versions, bucket.stale = None, False
 
     # ------------------------------------------------------------------ writes
     @torch.no_grad()
@@ -753,7 +893,7 @@ class PILoT(Optimizer):
                     self._init_momentum(p, state)
             # The plan (and with it the fused backends' launch plans, which hold the old
             # factors' addresses) is rebuilt.
-            self._plans.pop(gi, None)
+            self._drop_plans(gi)
 
     def _sgd_step(self, group, params, grads, bufs, firsts, grad_scale, found_inf) -> None:
         """torch.optim.SGD's own step for the tensors that are not split.
@@ -771,7 +911,11 @@ class PILoT(Optimizer):
         if grad_scale is not None or found_inf is not None or (group["capturable"] and not compiling):
             _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf)
         else:
-            sgd_bufs = [None if first else b for b, first in zip(bufs, firsts)] if momentum else [None] * len(params)
+            started = not any(firsts)  # every later step: no per-tensor list to build
+            if momentum:
+                sgd_bufs = list(bufs) if started else [None if first else b for b, first in zip(bufs, firsts)]
+            else:
+                sgd_bufs = [None] * len(params)
             # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports
             # every group as capturable: the single-tensor loop compiles instead.
             # Eager steps take the foreach path on every device: torch's default picks it
@@ -786,11 +930,11 @@ class PILoT(Optimizer):
                 fused=False if compiling else None,
                 **_sgd_hparams(group),
             )
-            if momentum:  # SGD made new buffers for first steps
+            if momentum and not started:  # SGD made new buffers for first steps
                 for p, buf, first in zip(params, sgd_bufs, firsts):
                     if first:
                         self.state[p][_SGD_MOMENTUM_KEY] = buf
-        if momentum:
+        if momentum and any(firsts):
             for p, first in zip(params, firsts):
                 if first:
                     self.state[p][_STARTED] = True

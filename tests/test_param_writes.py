@@ -80,10 +80,13 @@ WRITES = [_load_pretrained, _copy, _data_swap, _init, _reset, _ema]
 
 @pytest.mark.parametrize("write", WRITES, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_then_step_with_lr_0_keeps_the_write(write, dtype):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_write_then_step_with_lr_0_keeps_the_write(write, dtype, backend):
+    """After steps where nothing moved (the gather's fast path, the Triton launch plan
+    reused), each kind of write is seen at the next step."""
     model = _model(dtype=dtype)
-    opt = PILoT(model.parameters(), lr=0.0, momentum=0.9, alpha=1e-2, weight_decay=1e-3)
-    _train(model, opt, 2)
+    opt = PILoT(model.parameters(), lr=0.0, momentum=0.9, alpha=1e-2, weight_decay=1e-3, backend=backend)
+    _train(model, opt, 3)
     write(model)
     written = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, 2, seed=5)
@@ -295,3 +298,89 @@ def test_unwritten_steps_compare_nothing_on_the_device(monkeypatch):
         model[2].weight.mul_(2)
     _train(model, opt, 2)
     assert calls == [model[2].weight]
+
+
+def _count_compares(monkeypatch):
+    import pilot_kernels.optimizer as O
+
+    calls = []
+    real = O._represents
+    monkeypatch.setattr(O, "_represents", lambda p, *a: calls.append(p) or real(p, *a))
+    return calls
+
+
+# Backends whose step bumps the parameters' version counters (the cpu extension's does
+# not), so a stale write mark would show.
+BUMPING = ["reference", "triton"]
+
+
+@pytest.mark.parametrize("backend", BUMPING)
+@pytest.mark.parametrize("change", ["add_param_group", "momentum_on", "backend", "grad_none"])
+def test_unwritten_tensors_stay_unwritten_across_plan_changes(change, backend, monkeypatch):
+    """Steps where nothing moved keep their write marks in one list per bucket; a
+    rebuilt plan (a group added, momentum switched on, another backend) or a step that
+    leaves a tensor out must take them over, or every tensor would count as written
+    and be compared with m·w."""
+    model = _model()
+    opt = PILoT(model.parameters(), lr=0.05, momentum=0.0 if change == "momentum_on" else 0.9,
+                backend=backend)
+    calls = _count_compares(monkeypatch)
+    _train(model, opt, 3)
+    if change == "add_param_group":
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))]})
+    elif change == "momentum_on":
+        opt.param_groups[0]["momentum"] = 0.9
+    elif change == "backend":
+        opt.param_groups[0]["backend"] = "triton" if backend == "reference" else "reference"
+    else:
+        _step(model, opt)
+        model[0].weight.grad = None
+        opt.step()
+    _train(model, opt, 2, seed=4)
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend", BUMPING)
+def test_write_to_a_tensor_left_out_of_a_step_is_seen(backend, monkeypatch):
+    """A step where one split tensor has no gradient marks only the tensors it wrote:
+    a later write to the left-out tensor is found, and only that one."""
+    model = _model()
+    opt = PILoT(model.parameters(), lr=0.05, momentum=0.9, backend=backend)
+    calls = _count_compares(monkeypatch)
+    _train(model, opt, 3)
+    weight = model[0].weight
+    _step(model, opt)
+    weight.grad = None
+    opt.step()                      # weight left out
+    with torch.no_grad():
+        weight.mul_(2)              # ... and written
+    written = weight.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    _train(model, opt, 2, seed=6)
+    assert calls == [weight]
+    _assert_kept(weight, written)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_reset_momentum_between_steps_is_read(backend):
+    """State values are read at every step, also when nothing moved: zeroed buffers
+    marked unstarted give b = d at the next step (SGD's first step), for split and
+    plain tensors alike."""
+    model = _model()
+    opt = PILoT(model.parameters(), lr=0.05, momentum=0.9, dampening=0.5, alpha=1e-2, backend=backend)
+    _train(model, opt, 3)
+    for state in opt.state.values():
+        for key in PILoT.MOMENTUM_KEYS:
+            if key in state:
+                state[key].zero_()
+        state[PILoT.STARTED_KEY] = False
+    before = {p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in model.parameters()}
+    _step(model, opt, seed=8)
+    for p in model.parameters():
+        s, old = opt.state[p], before[p]
+        if "m" in s:  # b = d = g·w + 2α·m (old m, w), not (1 − τ)·d
+            d_m = p.grad * old["w"] + 2 * 1e-2 * old["m"]
+            torch.testing.assert_close(s["momentum_m"], d_m, rtol=1e-6, atol=1e-7)
+        else:         # SGD's first step: b = g
+            assert torch.equal(s["momentum_buffer"], p.grad)
+        assert s[PILoT.STARTED_KEY] is True

@@ -334,6 +334,55 @@ def test_plan_follows_replaced_state_tensors(device):
     _assert_equal(ms + bws, old)  # the replaced tensors were not written
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("xs_fixed", [False, True], ids=["checked", "xs_fixed"])
+def test_same_xs_tuple_with_a_transposed_x_gets_a_new_plan(device, xs_fixed):
+    """The optimizer passes the same tuple of x every step (and its word that no x
+    moved): the plan then skips comparing x one by one and reading their addresses,
+    but a ``.data`` swap to a view at the same address (a square x transposed) still
+    changes its strides, and the kernel must not walk it as before."""
+    n = 37
+    xs, ms, ws = _factors([(n, n)], torch.float32, device)
+    grads = [torch.randn(n, n, device=device)]
+    ref = [[t.clone() for t in seq] for seq in (xs, ms, ws)]
+    xs = tuple(xs)
+    workspace: dict = {"xs_fixed": True} if xs_fixed else {}
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True], workspace=workspace)
+    plan = workspace["plan"]
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True], workspace=workspace)
+    assert workspace["plan"] is plan  # reused while nothing moves
+    _step(reference.pilot_step, *ref[:1], grads, *ref[1:], None, None, [True])
+    _step(reference.pilot_step, *ref[:1], grads, *ref[1:], None, None, [True])
+    xs[0].data = xs[0].data.t()      # same object, same address, other strides
+    ref[0][0].data = ref[0][0].data.t()
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True], workspace=workspace)
+    _step(reference.pilot_step, *ref[:1], grads, *ref[1:], None, None, [True])
+    assert workspace["plan"] is not plan and workspace["plan"].slow == [0]
+    for a, b in zip((xs, ms, ws), ref):
+        _assert_equal(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_same_xs_tuple_with_a_moved_x_gets_a_new_plan(device):
+    """Without the caller's word the addresses of the x are compared even when the
+    same tuple comes back: an x whose data was swapped for other memory is written
+    there, and its old memory is left alone."""
+    xs, ms, ws = _factors([(BLOCK + 5,), (7, 3)], torch.float32, device)
+    grads = [torch.randn_like(m) for m in ms]
+    xs = tuple(xs)
+    workspace: dict = {}
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True, True], workspace=workspace)
+    old = xs[0].data
+    kept = old.clone()
+    xs[0].data = old.clone()         # same object, other memory
+    ref = [[t.clone() for t in seq] for seq in (xs, ms, ws)]
+    _step(fused_triton.pilot_step, xs, grads, ms, ws, None, None, [True, True], workspace=workspace)
+    _step(reference.pilot_step, *ref[:1], grads, *ref[1:], None, None, [True, True])
+    for a, b in zip((xs, ms, ws), ref):
+        _assert_equal(a, b)
+    _assert_equal([old], [kept])
+
+
 @pytest.mark.parametrize("torch_guards", [True, False], ids=["TensorGuards", "python"])
 def test_layout_guard_sees_shape_stride_and_dtype(torch_guards, monkeypatch):
     if not torch_guards:
