@@ -248,6 +248,96 @@ def test_refuses_alpha0_zero_and_optimizers_without_reparameterized_tensors():
         TargetSparsity(torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1), 0.9, 10)
 
 
+# ---------------------------------------------------------------------------------------
+# Any optimizer whose groups carry "alpha": the explicit-L1 baseline (SGD + α·sign(x)).
+
+def make_l1_sgd(alpha=1e-3, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    sgd = torch.optim.SGD([{"params": list(model[0].parameters()), "alpha": alpha},
+                           {"params": list(model[2].parameters()), "alpha": 3 * alpha}], lr=0.05, momentum=0.9)
+    return model, sgd, [model[0].weight, model[2].weight]
+
+
+def test_drives_the_alpha_of_sgd_groups_measuring_the_given_tensors():
+    model, sgd, weights = make_l1_sgd()
+    sched = TargetSparsity(sgd, 0.8, 6, tolerance=0.05, measure=iter(weights))  # an iterator is read once
+    assert [g["initial_alpha"] for g in sgd.param_groups] == [1e-3, 3e-3]
+    sched.step(0.5)
+    assert sched.last_share == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+    assert sched.last_action == "grow" and alphas(sgd) == pytest.approx([1.5e-3, 4.5e-3], rel=1e-12)
+    with torch.no_grad():  # the measured tensors are the live weights, not a copy
+        model[0].weight.zero_()
+        model[2].weight[:, 1:] = 0.0
+    sched.step(0.6)
+    assert sched.last_share == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+    assert sched.last_share <= 0.05 and sched.last_action == "shrink"
+    assert alphas(sgd) == pytest.approx([1e-3, 3e-3], rel=1e-12)
+    assert "_measure" not in sched.state_dict()  # tensors are not progress
+
+
+def test_sgd_alpha_and_controller_resume_through_the_optimizers_state_dict():
+    """Train a few L1 steps under the controller, save sgd.state_dict() only, rebuild both
+    on a copy of the model: the α and the controller's progress continue exactly."""
+    model, sgd, weights = make_l1_sgd()
+    sched = TargetSparsity(sgd, 0.6, 8, tolerance=0.05, measure=weights)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    for epoch in range(3):
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for group in sgd.param_groups:  # the trainer's l1 step
+            for p in group["params"]:
+                if p.ndim >= 2:
+                    p.grad.add_(torch.sign(p), alpha=group["alpha"])
+        sgd.step()
+        sched.step(0.3 + 0.1 * epoch)
+    saved = torch.load(_roundtrip(sgd.state_dict()), weights_only=False)
+    model2, sgd2, weights2 = make_l1_sgd(alpha=5.0, seed=7)  # other α0 and weights: both come from the save
+    model2.load_state_dict(model.state_dict())
+    sgd2.load_state_dict(saved)
+    sched2 = TargetSparsity(sgd2, 0.6, 8, tolerance=0.05, measure=weights2)
+    assert alphas(sgd2) == alphas(sgd)
+    for key in ("last_epoch", "best_acc", "last_share", "last_action", "base_alphas"):
+        assert getattr(sched2, key) == getattr(sched, key), key
+    sched.step(0.9)
+    sched2.step(0.9)
+    assert alphas(sgd2) == alphas(sgd) and sched2.last_share == sched.last_share
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("build, exc, match", [
+    (lambda sgd, w: TargetSparsity(sgd, 0.9, 10), TypeError, "pass measure="),
+    (lambda sgd, w: TargetSparsity(sgd, 0.9, 10, measure=[]), TypeError, "tensors"),
+    (lambda sgd, w: TargetSparsity(sgd, 0.9, 10, measure=sgd), TypeError, "measure must be a tensor"),
+    (lambda sgd, w: TargetSparsity(sgd, 0.9, 10, measure=[w[0], "w"]), TypeError, "tensors"),
+    (lambda sgd, w: TargetSparsity(sgd, 1.2, 10, measure=w), ValueError, "target"),
+])
+def test_bad_input_with_another_optimizer_leaves_alpha_untouched(build, exc, match):
+    _, sgd, weights = make_l1_sgd()
+    before = [dict(g) for g in sgd.param_groups]
+    with pytest.raises(exc, match=match):
+        build(sgd, weights)
+    assert [dict(g) for g in sgd.param_groups] == before  # no initial_alpha, nothing attached
+    assert "alpha_schedulers" not in sgd.state_dict()["param_groups"][0]
+
+
+def test_sgd_groups_all_at_alpha_zero_are_refused_with_what_to_do():
+    _, sgd, weights = make_l1_sgd(alpha=0.0)
+    with pytest.raises(ValueError, match="every group of the SGD has α = 0.*alpha > 0"):
+        TargetSparsity(sgd, 0.9, 10, measure=weights)
+    with pytest.raises(ValueError, match="no 'alpha'.*give every param group an 'alpha' entry"):
+        TargetSparsity(torch.optim.SGD(weights, lr=0.1), 0.9, 10, measure=weights)
+
+
 def test_reads_the_real_weights_once_per_step():
     """Unscripted: the share it records is prunable_share of the optimizer's weights."""
     model, opt = make_opt()

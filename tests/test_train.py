@@ -34,6 +34,7 @@ from methods import lr_lambda_factory  # noqa: E402
 from models import DigitsCNN, build_model  # noqa: E402
 
 from pilot_kernels import PILoT  # noqa: E402
+from pilot_kernels.schedules import prunable_share  # noqa: E402
 from pilot_kernels.sparsity import sparsity_report  # noqa: E402
 
 # Short runs on the embedded digits: few epochs, a short sweep, no bars.
@@ -115,6 +116,18 @@ def test_synthetic_throughput_mode(tmp_path):
     assert "sweep" not in res  # accuracy on random data means nothing
 
 
+def test_dataset_flag_picks_the_embedded_set_and_resume_keeps_it(tmp_path):
+    """--dataset mnist (4,000 train / 1,000 val images); --resume auto takes it from the
+    checkpoint, and its default image size (None: the dataset's) stays None."""
+    flags = ["--dataset", "mnist", "--image-size", "8", "--epochs", "2", "--no-sweep", "-b", "250"]
+    first = run_train(tmp_path, *flags, "--stop-after", "1")
+    assert first["history"][0]["train"]["images"] == 4000 and first["history"][0]["val"]["images"] == 1000
+    second = run_train(tmp_path, "--resume", "auto", "--no-sweep")
+    assert second["args"].dataset == "mnist" and second["history"][-1]["val"]["images"] == 1000
+    plain = train.resolve_args(train.parse_args(["--output-dir", ""]), world_size=1)
+    assert (plain.dataset, plain.image_size) == ("digits", None)
+
+
 # ---------------------------------------------------------------------- embedded default
 def test_embedded_default_shortened(tmp_path):
     """The no-flag job (embedded digits, PILoT), shortened: logs, sweep, export.  Its
@@ -167,6 +180,67 @@ def test_each_method_end_to_end(tmp_path, method):
 
 def uses_pilot(method: str) -> bool:
     return method in ("pilot", "spred")
+
+
+# ---------------------------------------------------------------------- --target-sparsity
+# An awkward S that is not in SHORT_SWEEP: the run adds it to the sweep and exports at it.
+TARGET = 0.87
+
+
+@pytest.mark.parametrize("method", ["pilot", "spred", "l1", "dense"])
+def test_target_sparsity_exports_exactly_s_and_reports_it(tmp_path, method, capsys):
+    """Two epochs with --target-sparsity 0.87: the controller multiplies α by grow = 1.5
+    after epoch 1 (a fresh model is far from prunable: share > τ, and the accuracy rose
+    from 0), every metrics line carries the share at S, the export is S sparse by
+    measurement, and sweep.json's "target" entry has top-1 at S next to unpruned."""
+    alpha = {"pilot": ["--alpha", "2e-3"], "spred": ["--alpha", "1e-3"]}.get(method, [])
+    res = run_train(tmp_path, "--method", method, "--epochs", "2", "--target-sparsity", str(TARGET), *alpha)
+    args, out = res["args"], tmp_path / "run"
+    assert args.export_sparsity == TARGET and TARGET in args.sweep
+    assert args.alpha_schedule == ("target" if method != "dense" else "adaptive")  # dense: no α at all
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(isinstance(r["share"], float) for r in lines)
+    if method == "dense":
+        assert [r["alpha"] for r in lines] == [0.0, 0.0]
+    else:
+        assert lines[0]["alpha"] == pytest.approx(1.5 * args.alpha, rel=1e-12)
+        assert res["optimizer"].param_groups[0]["alpha"] == lines[-1]["alpha"]  # l1: SGD's group holds it
+    # The share logged is that of the final weights (prunable_share of the tensors with ndim >= 2).
+    weights = [p for p in res["model"].parameters() if p.ndim >= 2]
+    assert lines[-1]["share"] == pytest.approx(prunable_share(weights, TARGET).item(), rel=1e-12)
+
+    sd = torch.load(out / "sparse_model.pt", weights_only=True)
+    fresh = DigitsCNN()
+    fresh.load_state_dict(sd, strict=True)
+    measured = sparsity_report(fresh).sparsity
+    assert abs(measured - TARGET) <= 1 / 60688  # round(S·n) of the 60,688 weights are exact zeros
+    target = json.loads((out / "sweep.json").read_text())["target"]
+    row = next(r for r in res["sweep"] if r["target"] == TARGET)
+    assert target == {"sparsity": TARGET, "top1": row["top1"], "top1_unpruned": res["sweep"][0]["top1"],
+                      "reached": pytest.approx(measured, abs=1e-12)}
+    assert target["top1_unpruned"] > train.chance_top1(10, 360)[1]  # above chance: the export happened
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"target sparsity 87%: top-1 {row['top1']:.2f}% at {100 * measured:.2f}% sparse, "
+                           f"unpruned {res['sweep'][0]['top1']:.2f}%")
+
+
+@pytest.mark.parametrize("method", ["pilot", "l1"])
+def test_target_sparsity_resume_restores_the_controller(tmp_path, method):
+    """Two epochs == one epoch + --resume auto + one: α, the controller's best accuracy,
+    last share and step count, bit for bit (l1: SGD's group carries α and the controller's
+    progress through the optimizer's state_dict)."""
+    flags = ["--method", method, "--epochs", "3", "--target-sparsity", "0.9", "--no-sweep", "--image-size", "8"]
+    full = run_train(tmp_path, *flags, out="full")
+    run_train(tmp_path, *flags, "--stop-after", "2", out="split")
+    saved = ckpt.load(str(tmp_path / "split" / "checkpoint.pt"))["alpha_scheduler"]
+    assert saved["last_epoch"] == 2 and saved["best_acc"] > 0 and "_measure" not in saved
+    second = run_train(tmp_path, "--resume", "auto", "--no-sweep", out="split")
+    assert second["args"].target_sparsity == 0.9 and second["args"].alpha_schedule == "target"
+    assert [r["epoch"] for r in second["history"]] == [2]
+    assert_same_training_state(full, second)
+    assert second["history"][-1]["share"] == full["history"][-1]["share"]
+    a, b = (ckpt.load(str(tmp_path / d / "checkpoint.pt"))["alpha_scheduler"] for d in ("full", "split"))
+    assert a == b and a["last_epoch"] == 3
 
 
 def test_pilot_param_groups_and_weight_decay(tmp_path):
@@ -448,6 +522,38 @@ def test_ddp_two_process_gloo_identical_parameters(tmp_path):
 
 # ---------------------------------------------------------------------- benchmark script
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["l1"])
+def test_ddp_target_sparsity_ranks_take_the_same_decisions(tmp_path, method):
+    """2 gloo processes, --target-sparsity: the controller reads the all-reduced train
+    accuracy and the share of the replicated weights, so every rank holds the same α
+    after every epoch (l1: SGD's group α, read by each rank's α·sign(x) step)."""
+    helper = tmp_path / "ddp_run.py"
+    helper.write_text(textwrap.dedent(f"""
+        import os, sys, json, torch
+        import train
+        res = train.main(sys.argv[1:])
+        rank = os.environ["RANK"]
+        torch.save(res["model"].state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
+        with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as f:
+            json.dump({{"history": [{{k: r[k] for k in ("alpha", "share", "val")}} | {{"acc": r["train"]["acc"]}}
+                                    for r in res["history"]], "target": res.get("target")}}, f)
+    """))
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
+           *fast_flags(()), "--method", method, "--epochs", "3", "-b", "32", "--image-size", "8",
+           "--target-sparsity", "0.9", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert ra == rb
+    assert ra["history"][0]["alpha"] == pytest.approx(1.5 * 5e-4, rel=1e-12)  # grew after epoch 1 on both
+    assert ra["target"]["sparsity"] == 0.9 and abs(ra["target"]["reached"] - 0.9) <= 1 / 60688
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["target"] == ra["target"]
+
+
 def test_compare_methods_smoke(tmp_path):
     import compare_methods
 

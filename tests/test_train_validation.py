@@ -61,7 +61,31 @@ def refused(argv: list[str], match: str) -> None:
     (["--cycles", "1", "--rewind-epoch", "0"], r"--rewind-epoch applies to --rewind weight"),
     (["--num-classes", "5"], r"describe --synthetic data; give --synthetic too"),
     (["--train-crop-size", "32"], r"--train-crop-size applies to --data-path"),
-    (["--data-path", "/data/imagenet", "--image-size", "32"], r"--image-size sizes the embedded digits"),
+    (["--data-path", "/data/imagenet", "--image-size", "32"], r"--image-size sizes the embedded datasets' images"),
+    # --dataset picks an embedded set
+    (["--data-path", "/data/imagenet", "--dataset", "mnist"], r"--dataset mnist picks an embedded dataset, which "
+                                                              r"--data-path replaces.*give one of them"),
+    (["--synthetic", "--dataset", "digits"], r"--dataset digits picks an embedded dataset, which --synthetic replaces"),
+    # --target-sparsity
+    (["--target-sparsity", "1"], r"--target-sparsity 1.0: give the fraction of weights to prune, in \(0, 1\)"),
+    (["--target-sparsity", "0"], r"--target-sparsity 0.0: give the fraction"),
+    (["--target-sparsity", "nan"], r"--target-sparsity nan: give the fraction"),
+    (["--target-sparsity", "0.9", "--alpha-schedule", "adaptive"],
+     r"--alpha-schedule adaptive with --target-sparsity: the target mode steers α itself"),
+    (["--method", "spred", "--target-sparsity", "0.9", "--alpha-schedule", "constant"],
+     r"--alpha-schedule constant with --target-sparsity"),
+    (["--alpha-schedule", "target"], r"--alpha-schedule target steers α towards a sparsity: give --target-sparsity"),
+    (["--target-sparsity", "0.9", "--export-sparsity", "0.95"],
+     r"--export-sparsity 0.95 with --target-sparsity 0.9: the run exports at the target sparsity"),
+    (["--target-sparsity", "0.9", "--cycles", "1"], r"--target-sparsity trains one model for one sparsity, --cycles"),
+    (["--method", "l1", "--target-sparsity", "0.9", "--alpha", "0"], r"--alpha 0 with --method l1 --target-sparsity"),
+    (["--target-sparsity", "0.9", "--alpha", "0"], r"--alpha 0 with --alpha-schedule target"),
+    (["--share-tolerance", "0.1"], r"--share-tolerance is τ of --target-sparsity: give --target-sparsity S too"),
+    (["--target-sparsity", "0.9", "--share-tolerance", "1.5"], r"--share-tolerance 1.5: give τ, a fraction in \(0, 1\)"),
+    (["--method", "dense", "--target-sparsity", "0.9", "--share-tolerance", "0.1"],
+     r"--share-tolerance steers α, which --method dense does not have"),
+    (["--method", "l1", "--target-sparsity", "0.9", "--alpha-schedule", "target"],
+     r"--alpha-schedule applies to pilot/spred, not --method l1"),
 ])
 def test_invalid_flags_refused_before_training(no_training, argv, match):
     refused(argv, match)
@@ -70,6 +94,20 @@ def test_invalid_flags_refused_before_training(no_training, argv, match):
 def test_alpha_zero_is_fine_with_a_constant_schedule():
     args = train.resolve_args(train.parse_args(["--method", "spred", "--alpha", "0"]), world_size=1)
     assert args.alpha == 0.0 and args.alpha_schedule == "constant"
+
+
+def test_target_sparsity_sets_the_schedule_the_export_and_the_sweep():
+    args = train.resolve_args(train.parse_args(["--target-sparsity", "0.87", "--sweep-sparsities", "0,0.5"]), 1)
+    assert (args.alpha_schedule, args.export_sparsity, args.sweep) == ("target", 0.87, [0.0, 0.5, 0.87])
+    assert args.share_tolerance == train.DEFAULT_SHARE_TOLERANCE
+    same = train.resolve_args(train.parse_args(["--target-sparsity", "0.9", "--export-sparsity", "0.9",
+                                                "--alpha-schedule", "target", "--share-tolerance", "0.1"]), 1)
+    assert (same.export_sparsity, same.share_tolerance) == (0.9, 0.1)
+    dense = train.resolve_args(train.parse_args(["--method", "dense", "--target-sparsity", "0.9"]), 1)
+    assert dense.export_sparsity == 0.9 and 0.9 in dense.sweep
+    plain = train.resolve_args(train.parse_args([]), 1)  # without S nothing changes
+    assert (plain.alpha_schedule, plain.export_sparsity, plain.target_sparsity) == ("adaptive", None, None)
+    assert (plain.dataset, plain.image_size) == ("digits", None)
 
 
 # ---------------------------------------------------------------------- --resume

@@ -47,6 +47,14 @@ from pilot_kernels.sparsity import sparsity_report
 
 METHODS = ("dense", "pilot", "spred", "l1")
 ALPHA_SCHEDULES = ("adaptive", "constant", "geometric", "harmonic", "quadratic", "target")
+# ε of TargetSparsity in the trainer: the relative drop of the epoch's train accuracy
+# from its best that still lets α grow.  The library's 0.01 stalled at 98% on the
+# embedded digits (seed 0, α0 1e-3): a high α costs the train accuracy 1–3 points for a
+# few epochs while the weights collapse (augmented batches, BatchNorm catching up), so
+# with ε = 0.01 α was cut back every time, the share at 98% stayed at 0.094 after 40
+# epochs (0.077 after 60) and pruning to 98% kept only 70.8% top-1 (95.6% after 60).
+# ε = 0.03 let it through: share 0.0185, 98.89% at 98% against 99.44% unpruned.
+TARGET_ACC_TOLERANCE = 0.03
 # Default weight decay on the tensors that are not reparameterized / on all tensors.
 DEFAULT_WD = {"dense": 1e-4, "l1": 1e-4, "pilot": 0.0, "spred": 0.0}
 
@@ -88,10 +96,12 @@ def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -
     if not isinstance(optimizer, PILoT):
         if target is None or args.method != "l1":
             return None
-        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance, measure=weights(optimizer))
+        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance,
+                              acc_tolerance=TARGET_ACC_TOLERANCE, measure=weights(optimizer))
     kind = args.alpha_schedule
     if kind == "target":
-        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance)
+        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance,
+                              acc_tolerance=TARGET_ACC_TOLERANCE)
     if kind == "adaptive":
         return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold)
     if kind == "constant":

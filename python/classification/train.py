@@ -8,6 +8,8 @@ with the accuracy-vs-sparsity sweep::
 
     python python/classification/train.py                                      # embedded digits, PILoT
     python python/classification/train.py --method dense                       # the dense baseline
+    python python/classification/train.py --target-sparsity 0.9                # a model exactly 90% sparse
+    python python/classification/train.py --dataset mnist --target-sparsity 0.98   # 5,000 MNIST digits, 98%
     python python/classification/train.py --data-path /data/imagenet --preset imagenet-pilot
     torchrun --nproc_per_node 8 python/classification/train.py --data-path /data/imagenet \\
         --preset imagenet-pilot -b 32                           # global batch 256
@@ -38,6 +40,15 @@ about how and where it runs (``-j``, ``--device``, ``--fsdp``, ``--output-dir``,
 sweep and logging) apply, as the log says.  A NaN or infinite training loss stops the
 run with an error, keeping the checkpoint of the last finished epoch.
 
+``--target-sparsity S`` asks for a model pruned to exactly ``S``: α (pilot, spred, l1)
+is steered by :class:`pilot_kernels.schedules.TargetSparsity`, which grows it while
+pruning to ``S`` would remove more than ``--share-tolerance`` of ``Σ|x|`` (the share,
+:func:`~pilot_kernels.schedules.prunable_share`) and the train accuracy holds, shrinks
+it otherwise, and decays it over the last quarter of the epochs; dense has no α and is
+only pruned.  The run exports at ``S``, logs the share every epoch (console and
+``metrics.jsonl``), and ends with top-1 at ``S`` next to the unpruned top-1 (also in
+``sweep.json`` under ``"target"``).
+
 ``--fsdp`` shards the model with FSDP2 instead of replicating it with DDP (PILoT's
 ``m``, ``w`` and momenta are sharded like the parameters); checkpoints hold full
 tensors either way, and the final sweep and export run on a full, unsharded copy.
@@ -63,7 +74,7 @@ from pilot_kernels.schedules import TargetSparsity
 from pilot_kernels.sparsity import export_state_dict, sparsity_report, sweep
 
 import checkpoint as ckpt
-from data import build_data
+from data import DEFAULT_DATASET, EMBEDDED_DATASETS, build_data
 import fsdp as fsdp_utils
 from dist import DistInfo, all_gather_object, barrier, broadcast_buffers_, init_distributed, shutdown
 from engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -93,15 +104,24 @@ from report import DEFAULT_SWEEP, best_within, format_table, plot_sweeps, sweep_
 # α per method: the sparsest model within 1 point of its unpruned top-1 on a small grid
 # (seed 0; pilot 3e-3…3e-2, spred 1e-3…2e-2, l1 1e-4…1e-2).  K ≈ 8% of the initial L1
 # norm (≈ 3000), the ratio of the paper's K = 60000 to ResNet-50's initial ≈ 738000.
+# target_alpha: α0 with --target-sparsity, from which the controller grows α by 1.5 per
+# epoch.  Started at the α above it overshoots: pilot at 90% from 2e-2 grew to 4.5e-2 in
+# two epochs, the L1 norm fell from 2058 to 34 and the model never came back (76.7%
+# top-1, share 0.0004).  From a twentieth (pilot, spred 1e-3) or a tenth (l1 5e-4) α
+# reaches the collapsing range (≈ 2.6e-2 for pilot) after about 8 epochs, on a model
+# that has learnt: 99.17% at 90% sparsity, as unpruned (seed 0).
 EMBEDDED = dict(arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=0.1, momentum=0.9, lr_warmup_epochs=2,
                 label_smoothing=0.0, alpha={"pilot": 2e-2, "spred": 1e-2, "l1": 5e-3, "dense": 0.0},
+                target_alpha={"pilot": 1e-3, "spred": 1e-3, "l1": 5e-4, "dense": 0.0},
                 l1_threshold=250.0)
+# Per embedded dataset: what differs from EMBEDDED.
+EMBEDDED_PER_DATASET: dict[str, dict[str, Any]] = {"digits": {}, "mnist": {}}
 # τ of --target-sparsity (TargetSparsity's tolerance).
 DEFAULT_SHARE_TOLERANCE = 0.02
 # torchvision's reference defaults, for --data-path without a preset.
 GENERIC = dict(arch="resnet18", epochs=90, batch_size=32, lr=0.1, momentum=0.9, lr_warmup_epochs=0,
                label_smoothing=0.0, alpha={"pilot": 1e-5, "spred": 1e-5, "l1": 1e-5, "dense": 0.0},
-               l1_threshold=0.0)
+               target_alpha={"pilot": 1e-5, "spred": 1e-5, "l1": 1e-5, "dense": 0.0}, l1_threshold=0.0)
 # The paper's ResNet-50/ImageNet recipe (appendix C.2, Table 3: STR's setup plus PILoT's
 # α, K, δ and the L2 term on m ⊙ w).  lr is 0.256 per 256 images of global batch.
 PRESETS = {
@@ -119,7 +139,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic", action="store_true", help="one random batch resident on the device (throughput only; ImageNet-sized unless --arch digits_cnn)")
     g.add_argument("--synthetic-steps", type=int, default=100, help="iterations per epoch with --synthetic")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of --synthetic data for torchvision models")
-    g.add_argument("--image-size", type=int, default=16, help="side the 8x8 embedded digits are upscaled to")
+    g.add_argument("--dataset", choices=sorted(EMBEDDED_DATASETS), default=None,
+                   help=f"the embedded dataset, used without --data-path/--synthetic (default: {DEFAULT_DATASET}): "
+                        + "; ".join(f"{n}: {d.num_images:,} {d.native_size}x{d.native_size} images, {d.num_classes} classes"
+                                    for n, d in sorted(EMBEDDED_DATASETS.items())))
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side the embedded images are resized to (default: per dataset, "
+                        + ", ".join(f"{n} {d.image_size}" for n, d in sorted(EMBEDDED_DATASETS.items())) + ")")
     g.add_argument("--train-crop-size", type=int, default=224)
     g.add_argument("--val-resize-size", type=int, default=256)
     g.add_argument("--val-crop-size", type=int, default=224)
@@ -151,7 +177,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sparsification")
     g.add_argument("--method", choices=METHODS, default=None, help="dense (SGD), pilot (β=1, adaptive α), spred (β=0, constant α), l1 (SGD + α·sign(x)); default pilot")
-    g.add_argument("--alpha", type=float, default=None, help="initial α of PILoT/spred, or the L1 strength of l1")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="initial α of PILoT/spred, or the L1 strength of l1 (with --target-sparsity the starting α; "
+                        "embedded default 1e-3 for pilot/spred, 5e-4 for l1)")
     g.add_argument("--beta", type=float, default=None, help="split m² − w² = β (default 1 for pilot, 0 for spred)")
     g.add_argument("--alpha-schedule", choices=ALPHA_SCHEDULES, default=None,
                    help="default: adaptive for pilot, constant for spred; with --target-sparsity: target "
@@ -346,7 +374,10 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
         args.resume_notes = adopt_checkpoint_args(args, load_resume_meta(args.resume_path), args.resume_path)
     given = _given(args)
     preset = dict(PRESETS[args.preset]) if args.preset else {}
-    base = EMBEDDED if not (args.data_path or args.synthetic) else GENERIC
+    embedded = not (args.data_path or args.synthetic)
+    if embedded:
+        args.dataset = args.dataset or DEFAULT_DATASET
+    base = {**EMBEDDED, **EMBEDDED_PER_DATASET.get(args.dataset, {})} if embedded else GENERIC
 
     def pick(name: str, fallback: Any) -> Any:
         if getattr(args, name) is not None:
@@ -366,7 +397,7 @@ def resolve_args(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     if not explicit_warmup:  # a default warmup shrinks for short runs
         args.lr_warmup_epochs = min(args.lr_warmup_epochs, args.epochs - 1)
     args.label_smoothing = pick("label_smoothing", base["label_smoothing"])
-    args.alpha = pick("alpha", base["alpha"][args.method])
+    args.alpha = pick("alpha", base["target_alpha" if args.target_sparsity is not None else "alpha"][args.method])
     args.beta = pick("beta", default_beta(args.method))
     args.delta = pick("delta", 1.01)
     args.l1_threshold = pick("l1_threshold", base["l1_threshold"])
@@ -411,7 +442,7 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
     need(args.workers >= 0, f"-j/--workers {args.workers}: give 0 (load in the main process) or more")
     for flag, value in (("--image-size", args.image_size), ("--train-crop-size", args.train_crop_size),
                         ("--val-resize-size", args.val_resize_size), ("--val-crop-size", args.val_crop_size)):
-        need(value >= 1, f"{flag} {value}: an image side in pixels, at least 1")
+        need(value is None or value >= 1, f"{flag} {value}: an image side in pixels, at least 1")
     need(args.synthetic_steps >= 1, f"--synthetic-steps {args.synthetic_steps}: give at least 1")
     need(args.num_classes >= 2, f"--num-classes {args.num_classes}: give at least 2")
     need(args.stop_after is None or args.stop_after >= 1, f"--stop-after {args.stop_after}: give at least 1 epoch")
@@ -440,6 +471,8 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
                                           "e.g. 0,1e-4,1e-3")
     for sp in args.sweep:
         need(0 <= sp < 1, f"--sweep-sparsities: {sp:g} is not a sparsity; give fractions in [0, 1), e.g. 0,0.5,0.9")
+    need(args.target_sparsity is None or (finite(args.target_sparsity) and 0 < args.target_sparsity < 1),
+         f"--target-sparsity {args.target_sparsity}: give the fraction of weights to prune, in (0, 1), e.g. 0.9")
     need(args.export_sparsity is None or 0 <= args.export_sparsity < 1,
          f"--export-sparsity {args.export_sparsity}: give a fraction in [0, 1) (1 would zero every weight)")
     # α = 0 can never grow: Algorithm 1 multiplies it by δ, the decaying schedules scale α0.
@@ -455,8 +488,6 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
                                               "--target-sparsity S too (e.g. 0.9)")
         need("share_tolerance" not in given, "--share-tolerance is τ of --target-sparsity: give --target-sparsity S too")
     else:
-        need(finite(target) and 0 < target < 1,
-             f"--target-sparsity {target:g}: give the fraction of weights to prune, in (0, 1), e.g. 0.9")
         need(not (pilot and args.alpha_schedule != "target"),
              f"--alpha-schedule {args.alpha_schedule} with --target-sparsity: the target mode steers α itself "
              "(--alpha-schedule target, its default); leave out --alpha-schedule, or --target-sparsity")
@@ -465,6 +496,9 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
              "the target sparsity; leave out --export-sparsity (or give the same value)")
         need(not args.cycles, "--target-sparsity trains one model for one sparsity, --cycles prunes iteratively: "
                               "give one of them")
+        need(not (args.method == "dense" and "share_tolerance" in given),
+             "--share-tolerance steers α, which --method dense does not have (it is only pruned to "
+             "--target-sparsity at the end); leave it out")
         need(not (args.method == "l1" and args.alpha == 0),
              "--alpha 0 with --method l1 --target-sparsity: the controller multiplies α, so it stays 0; give "
              "--alpha > 0 (the starting α)")
@@ -500,7 +534,11 @@ def validate_args(args: argparse.Namespace, given: frozenset) -> None:
         need("synthetic_steps" not in given and "num_classes" not in given,
              "--synthetic-steps and --num-classes describe --synthetic data; give --synthetic too")
     need(not (args.data_path and "image_size" in given),
-         "--image-size sizes the embedded digits; for --data-path use --train-crop-size/--val-crop-size")
+         "--image-size sizes the embedded datasets' images; for --data-path use --train-crop-size/--val-crop-size")
+    need(embedded or "dataset" not in given,
+         f"--dataset {args.dataset} picks an embedded dataset, which "
+         + ("--data-path replaces (its ImageFolder is the data)" if args.data_path else
+            "--synthetic replaces (one random batch)") + ": give one of them")
     if embedded or (args.synthetic and args.arch == DIGITS_ARCH):
         for dest in ("train_crop_size", "val_resize_size", "val_crop_size"):
             need(dest not in given, f"{_option_names()[dest]} applies to --data-path (or --synthetic with a torchvision "
