@@ -315,6 +315,70 @@ def test_bad_param_group_added_later_changes_nothing():
     assert len(opt.param_groups) == n_groups and torch.equal(extra, before) and extra not in opt.state
 
 
+# ------------------------------------------------------------------ plain tensors' SGD
+def _count_sgd_paths(monkeypatch):
+    """Record which SGD path each step's plain tensors take."""
+    import pilot_kernels.optimizer as O
+
+    calls = []
+    for name in ("_foreach_sgd", "_sgd_functional"):
+        real = getattr(O, name)
+        monkeypatch.setattr(O, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def _plain_pair(dtypes, opts, steps, swap_at=None):
+    """PILoT (reparam=False) and torch.optim.SGD on the same plain tensors and gradients;
+    at step ``swap_at`` the first tensor's data is swapped for a bfloat16 copy in both."""
+    torch.manual_seed(0)
+    ours = [torch.randn(n, dtype=dt, requires_grad=True) for n, dt in zip((5, 3, 7), dtypes)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = PILoT(ours, lr=0.05, reparam=False, backend="reference", **opts)
+    # foreach=True: on the CPU, torch's default per-tensor loop rounds bfloat16
+    # differently from its own foreach ops (torch 2.14); PILoT takes the foreach ops.
+    sgd = torch.optim.SGD(theirs, lr=0.05, foreach=True, **opts)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if step == swap_at:
+            for p in (ours[0], theirs[0]):
+                p.data = p.data.to(torch.bfloat16)
+        for a, b in zip(ours, theirs):
+            grad = torch.randn(a.shape, generator=g).to(a.dtype)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        sgd.step()
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+        if opts["momentum"]:
+            assert torch.equal(opt.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+SGD_OPTS = [dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.3, weight_decay=1e-2, maximize=True),
+            dict(momentum=0.0, weight_decay=1e-2)]
+
+
+@pytest.mark.parametrize("opts", SGD_OPTS, ids=str)
+def test_plain_tensors_of_one_dtype_take_sgds_foreach_calls_directly(opts, monkeypatch):
+    """After the first step, plain tensors of one device and dtype get torch's foreach
+    SGD calls without its grouping; bit for bit torch.optim.SGD's results."""
+    calls = _count_sgd_paths(monkeypatch)
+    _plain_pair([torch.float32] * 3, opts, steps=4)
+    first = ["_sgd_functional"] if opts["momentum"] else ["_foreach_sgd"]
+    assert calls == first + ["_foreach_sgd"] * 3
+
+
+@pytest.mark.parametrize("opts", SGD_OPTS, ids=str)
+def test_plain_tensors_of_two_dtypes_take_torchs_grouping(opts, monkeypatch):
+    """Mixed dtypes, from the start or after a ``.data`` swap to bfloat16 (which moves
+    no write mark: plain tensors have none), go through torch's own grouped SGD."""
+    calls = _count_sgd_paths(monkeypatch)
+    _plain_pair([torch.float32, torch.bfloat16, torch.float32], opts, steps=3)
+    assert calls == ["_sgd_functional"] * 3
+    calls.clear()
+    _plain_pair([torch.float32] * 3, opts, steps=5, swap_at=3)
+    assert calls[3:] == ["_sgd_functional"] * 2
+
+
 # ------------------------------------------------------------------ drop-in
 def test_drop_in_torchvision_resnet18_trains():
     """An unmodified torchvision ResNet-18 on small inputs: loss falls under PILoT."""

@@ -10,7 +10,7 @@ import torch
 
 from pilot_kernels import PILoT
 from pilot_kernels.init import split
-from pilot_kernels.kernels import fused_triton, reference
+from pilot_kernels.kernels import fused_triton, layout, reference
 from conftest import KERNEL_DEVICES
 from helpers import OPTION_GRID, assert_same_state, option_id
 
@@ -386,9 +386,9 @@ def test_same_xs_tuple_with_a_moved_x_gets_a_new_plan(device):
 @pytest.mark.parametrize("torch_guards", [True, False], ids=["TensorGuards", "python"])
 def test_layout_guard_sees_shape_stride_and_dtype(torch_guards, monkeypatch):
     if not torch_guards:
-        monkeypatch.setattr(fused_triton, "_TensorGuards", None)
+        monkeypatch.setattr(layout, "_TensorGuards", None)
     a, b = torch.zeros(4, 6), torch.zeros(6, 4)
-    guard = fused_triton._LayoutGuard([a, b])
+    guard = layout.LayoutGuard([a, b])
     assert guard.check([a, b]) and guard.check([a.clone(), b.clone()])
     assert not guard.check([a, b.t().contiguous().t()])      # strides
     assert not guard.check([a, b.view(4, 6)])                # shape

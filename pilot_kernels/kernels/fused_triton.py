@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .layout import ALIGNMENT, walkable
+from .layout import ALIGNMENT, LayoutGuard, walkable
 
 # ----------------------------------------------------------------------- constants
 # Elements per program.  The step is memory bound (40 B/element); 2048 fp32 elements
@@ -291,35 +291,6 @@ class _Launch:
     host: Tensor             # its pinned source, alive while an async copy may read it
 
 
-try:  # the C++ check torch.compile runs before reusing a graph
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except ImportError:  # pragma: no cover - every supported torch has it
-    _TensorGuards = None
-
-
-def _layout(tensors) -> tuple:
-    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-
-
-class _LayoutGuard:
-    """Shapes, strides, dtypes and devices of a list of tensors, checked in one call:
-    with torch's ``TensorGuards`` (C++), ~3x cheaper than reading them in Python."""
-
-    def __init__(self, tensors: Sequence[Tensor]):
-        self._n = len(tensors)
-        if _TensorGuards is not None:
-            self._guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-        else:
-            self._layout = _layout(tensors)
-
-    def check(self, tensors: Sequence[Tensor]) -> bool:
-        if len(tensors) != self._n:
-            return False
-        if _TensorGuards is not None:
-            return self._guard.check(*tensors)
-        return self._layout == _layout(tensors)
-
-
 _data_ptr = Tensor.data_ptr
 
 
@@ -337,7 +308,7 @@ class _Plan:
     state: tuple              # (ms, ws[, bms, bws]) likewise
     x_ptrs: tuple             # data_ptr of every x
     g_ptrs: tuple             # data_ptr of every gradient
-    layout: _LayoutGuard      # shapes, strides, dtypes of every x and gradient
+    layout: LayoutGuard       # shapes, strides, dtypes of every x and gradient
 
     def reusable(self, xs, grads, ms, ws, bms, bws, firsts, xs_fixed: bool = False) -> bool:
         """True when everything the kernel reads is where and what it was: the same
@@ -435,7 +406,7 @@ def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
         table = host.to(device, non_blocking=True)
         launches.append(_Launch(bases, aligned, len(rows), n_blocks, table, host))
     return _Plan(launches, slow, has_momentum, list(firsts), tuple(xs), tuple(tuple(s) for s in streams[2:]),
-                 tuple(map(_data_ptr, xs)), tuple(map(_data_ptr, grads)), _LayoutGuard((*xs, *grads)))
+                 tuple(map(_data_ptr, xs)), tuple(map(_data_ptr, grads)), LayoutGuard((*xs, *grads)))
 
 
 def _scalar_arg(v, device: torch.device):
