@@ -59,6 +59,7 @@ def test_summary_means_ranges_and_reached_per_method_and_target():
     assert r["n"] == 3 and r["seeds"] == [0, 1, 2]
     assert r["top1"] == pytest.approx(96.5) and (r["min"], r["max"]) == (96.0, 97.0)
     assert r["reached"] == pytest.approx(0.9) and r["top1_unpruned"] == pytest.approx(97.0)
+    assert r["share_end"] == pytest.approx(0.02) and row(s, "magnitude", 0.9)["share_end"] is None
     assert row(s, "l1", 0.99)["reached"] == pytest.approx(0.97)
     # magnitude pruning reads the dense sweeps at each target, measured sparsity included
     m = row(s, "magnitude", 0.9)
@@ -68,6 +69,14 @@ def test_summary_means_ranges_and_reached_per_method_and_target():
     d = s["dense"]
     assert d["top1"] == pytest.approx((98.0 + 97.0 + 96.5) / 3) and (d["min"], d["max"]) == (96.5, 98.0)
     assert d["seeds"] == [0, 1, 2]
+
+
+def test_share_end_is_the_last_logged_share_averaged_over_seeds():
+    runs = [aimed("pilot", 0.9, 0, 95.0), aimed("pilot", 0.9, 1, 95.0), aimed("pilot", 0.9, 2, 95.0)]
+    runs[0]["share"] = [0.5, 0.1]
+    runs[1]["share"] = [0.5, 0.04, None]  # a line without a share (e.g. a resumed run's first) is skipped
+    runs[2]["share"] = []
+    assert row(cm.summarize_target(runs, [0.9]), "pilot", 0.9)["share_end"] == pytest.approx(0.07)
 
 
 def test_summary_counts_only_the_seeds_that_ran():
@@ -122,7 +131,8 @@ def test_markdown_reports_every_method_target_reached_sparsity_and_winner():
     assert "| magnitude pruning (of dense) | dense SGD, pruned one-shot to S | 55.0 [50.0–60.0] | 10.3 [9.0–12.0] |" in md
     assert "| dense, unpruned | reference: the dense trainings, not pruned | 97.2 [96.5–98.0] | 97.2 [96.5–98.0] |" in md
     # reached sparsity table: l1 at 99% stopped at 97% and is flagged
-    assert "| l1 | 90.00% / 97.0 | 97.00% † / 97.0 |" in md
+    assert "| l1 | 90.00% / 97.0 / 0.020 | 97.00% † / 97.0 / 0.020 |" in md
+    assert "| magnitude pruning (of dense) | 90.00% / 97.2 / – | 99.00% / 97.2 / – |" in md
     assert "† more than half a point less sparse than asked: l1 at 99% (lowest seed 97.00%)" in md
     assert "- 90%: **pilot** 96.5 [96.0–97.0], ahead of spred (95.0) by 1.50 points ≈ 5.4 val images; clear" in md
     assert "- 99%: **pilot** 91.0 [90.0–92.0], ahead of spred (89.3) by 1.67 points" in md

@@ -47,7 +47,9 @@ dense, unpruned         the same dense trainings, not pruned (a reference line)
     python python/classification/compare_methods.py --target-sparsity 0.9,0.95,0.98,0.99
     python python/classification/compare_methods.py --target-sparsity 0.9,0.99 --seeds 0 --epochs 3 --out /tmp/cmp
 
-With 3 seeds and 4 targets that is 3·(3·4 + 1) = 39 trainings.  Writes
+With 3 seeds and 4 targets that is 3·(3·4 + 1) = 39 trainings of 40 epochs, about
+20 min on two otherwise idle cores (the sweep mode's 15 trainings took 7.2 min; one
+40-epoch target run took 86–154 s with the cores shared by other work).  Writes
 ``compare_methods_target.{json,md,png}``: per method and target the mean top-1 at ``S``
 with its min–max over seeds, the sparsity the exported model reached, the best method
 per target (and whether its lead exceeds the seeds' spread), and a plot of top-1 at
@@ -351,10 +353,19 @@ def _dense_row(rec: dict[str, Any], target: float) -> dict[str, Any]:
                      f"(rows at {[r['target'] for r in rec['rows']]})")
 
 
+def _share_end(pts: Sequence[dict[str, Any]]) -> Optional[float]:
+    """Mean over runs of the last logged share (the L1 share pruning to S would remove): at
+    or below the controller's τ the run got where it aimed; None for runs without one."""
+    ends = [next((v for v in reversed(p.get("share") or []) if v is not None), None) for p in pts]
+    ends = [e for e in ends if e is not None]
+    return statistics.mean(ends) if ends else None
+
+
 def summarize_target(runs: Sequence[dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
     """Per method (``pilot``, ``spred``, ``l1``, ``magnitude``) one row per target:
     ``top1`` mean/min/max/std over the seeds that ran, ``reached`` (the exported model's
-    measured sparsity) likewise, ``top1_unpruned`` mean and ``n`` seeds; ``dense`` is the
+    measured sparsity) likewise, ``top1_unpruned`` and ``share_end`` (the last logged
+    share, see :func:`_share_end`) means and ``n`` seeds; ``dense`` is the
     unpruned accuracy of the dense trainings (mean/min/max/std).  ``magnitude`` reads the
     dense trainings' sweep at each target."""
     dense = sorted((r for r in runs if r["method"] == "dense"), key=lambda r: r["seed"])
@@ -373,7 +384,8 @@ def summarize_target(runs: Sequence[dict[str, Any]], targets: Sequence[float]) -
             rows.append({"target": t, "n": len(pts), "seeds": [p["seed"] for p in pts],
                          **{("top1" if k == "mean" else k): v for k, v in _stats([p["top1"] for p in pts]).items()},
                          **_stats([p["reached"] for p in pts], "reached_"),
-                         "top1_unpruned": statistics.mean(p["top1_unpruned"] for p in pts)})
+                         "top1_unpruned": statistics.mean(p["top1_unpruned"] for p in pts),
+                         "share_end": _share_end(pts)})
         if rows:
             for r in rows:
                 r["reached"] = r.pop("reached_mean")
@@ -486,7 +498,9 @@ def markdown_target(data: dict[str, Any]) -> str:
     lines += [
         "",
         "Sparsity the exported model reached (fraction of conv/linear weights that are exact zeros, mean over "
-        "seeds) / top-1 (%) of the same trainings before pruning:",
+        "seeds) / top-1 (%) of the same trainings before pruning / share of Σ|x| that pruning to S removes, "
+        "at the end of training (the quantity the α controller drives below its tolerance τ; a share far "
+        "above τ means the run never became prunable to S and its top-1 at S collapses):",
         "",
         "| method | " + " | ".join(f"S = {100 * t:g}%" for t in targets) + " |",
         "|" + "---|" * (len(targets) + 1),
@@ -506,7 +520,8 @@ def markdown_target(data: dict[str, Any]) -> str:
             if r["reached_min"] < t - 5e-3:  # half a point of sparsity short of the target
                 mark = " †"
                 short.append(f"{TARGET_ROW_NAMES[name]} at {100 * t:g}% (lowest seed {100 * r['reached_min']:.2f}%)")
-            cells.append(f"{100 * r['reached']:.2f}%{mark} / {r['top1_unpruned']:.1f}")
+            share = "–" if r.get("share_end") is None else f"{r['share_end']:.3f}"
+            cells.append(f"{100 * r['reached']:.2f}%{mark} / {r['top1_unpruned']:.1f} / {share}")
         lines.append(f"| {TARGET_ROW_NAMES[name]} | " + " | ".join(cells) + " |")
     if short:
         lines += ["", "† more than half a point less sparse than asked: " + "; ".join(short) + "."]
@@ -583,6 +598,10 @@ def plot_target(path: str, summary: dict[str, Any], targets: Sequence[float], ti
 def render_target(stem: Path) -> dict[str, Any]:
     """Write ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (target mode)."""
     data = json.loads(Path(str(stem) + ".json").read_text())
+    # From the run records, so that a re-render picks up a change to the summary's rules.
+    data["summary"] = summarize_target(data["runs"], data["targets"])
+    images = next((r.get("val_images") for r in data["runs"] if r.get("val_images")), None)
+    data["winners"] = target_winners(data["summary"], data["targets"], images)
     md = markdown_target(data)
     with atomic_write(str(stem) + ".md", "w") as f:
         f.write(md)
