@@ -211,10 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     host_providers = list(BACKENDS) + ["torch_fused"]
     host = bench.host_cost(host_providers, host_shapes, device, rounds=args.host_rounds) if args.host_rounds else {}
     if host:
-        print(f"# host cost of step(), kernels stubbed, ResNet-50's {len(host_shapes)} tensors (µs):")
+        print(f"# host cost of step(), kernels stubbed, ResNet-50's {len(host_shapes)} tensors (µs; "
+              "x fused: over SGD(fused=True)'s in the same interleaved rounds, min and median):")
+        sgd = host.get("torch_fused", {})
         for p, h in host.items():
-            print(f"#   {p:<12} " + (f"min {h['min']:8.1f}  median {h['median']:8.1f}" if h["status"] == "ok"
-                                     else h["status"]))
+            line = f"min {h['min']:8.1f}  median {h['median']:8.1f}" if h["status"] == "ok" else h["status"]
+            if h["status"] == "ok" and sgd.get("status") == "ok" and p != "torch_fused":
+                line += f"  x fused {h['min'] / sgd['min']:.2f} / {h['median'] / sgd['median']:.2f}"
+            print(f"#   {p:<12} {line}")
 
     temps: dict[str, dict] = {}
     if args.temp:

@@ -954,7 +954,9 @@ class PILoT(Optimizer):
             # Eager steps take the foreach path on every device: torch's default picks it
             # on CUDA only, and on CPU its per-tensor Python loop cost ~0.4 µs × 3 ops per
             # tensor (2,000 small tensors: most of a step).  Same ops in the same order,
-            # so the results are SGD's bit for bit.
+            # so the results are SGD's bit for bit (in bfloat16 on the CPU, torch 2.14's
+            # own foreach and per-tensor paths round differently; these are its foreach
+            # path's).
             _sgd_functional(
                 params,
                 grads,
