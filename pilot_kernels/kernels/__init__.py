@@ -2,9 +2,13 @@
 
 Every backend module exposes ``pilot_step(xs, grads, ms, ws, momentum_ms, momentum_ws,
 firsts, *, lr, momentum, dampening, nesterov, alpha, weight_decay, maximize,
-grad_scale, found_inf, l1_accum, l1_clear)`` with the semantics documented in
+grad_scale, found_inf, l1_accum, l1_clear, workspace)`` with the semantics documented in
 :func:`pilot_kernels.kernels.reference.pilot_step`, for tensors that share one device,
-one dtype and one param group.
+one dtype and one param group.  ``workspace`` is a dict the caller keeps between calls
+for one bucket of tensors; a backend caches what it likes in it.  The optimizer puts
+``"xs_fixed": True`` in its own: its word that every ``x`` of a call is at the address
+it had in every earlier call with that workspace (its write check has just compared
+them), which the Triton backend uses to skip reading those addresses.
 
 * ``reference`` — plain torch; the CPU path and the oracle.
 * ``triton``    — one fused Triton launch per call (``fused_triton``).
