@@ -287,7 +287,9 @@ class PILoT(Optimizer):
 
     Tensors that are not reparameterized (by default those with ``ndim < 2``: biases,
     norms) follow :class:`torch.optim.SGD` bit for bit, with its ``momentum_buffer``
-    state key (under AMP or ``capturable``: ``SGD(fused=True)``'s kernel).
+    state key: its multi-tensor (``foreach=True``) path, or under AMP or ``capturable``
+    ``SGD(fused=True)``'s kernel.  (In bfloat16 on the CPU, torch 2.14's foreach and
+    per-tensor SGD paths round differently; PILoT matches the foreach one.)
 
     Decisions where the paper is silent:
 

@@ -224,6 +224,26 @@ def test_pilot_capturable_matches_reference():
     assert_same_state(ref, pr, cpu, pc, exact=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_step_bumps_version_counters_like_an_inplace_op(backend):
+    """The kernel's writes are visible to autograd as an in-place op's are: every tensor it
+    writes gets a new version, and a graph that saved ``x`` before the step refuses to
+    backward through the stale value (as with ``torch.optim.SGD``)."""
+    x = torch.nn.Parameter(torch.randn(9, 5))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = PILoT([x, b], lr=0.1, momentum=0.9, alpha=1e-2, backend=backend)
+    (x.sum() + b.sum()).backward()
+    opt.step()  # momentum starts
+    state = opt.state[x]
+    tensors = [x] + [state[k] for k in ("m", "w", "momentum_m", "momentum_w")]
+    before = [t._version for t in tensors]
+    saved = (x.sin() * b).sum()  # saves x for backward
+    opt.step()
+    assert all(t._version > v for t, v in zip(tensors, before)), [t._version - v for t, v in zip(tensors, before)]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 def test_auto_takes_cpu_backend(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert "cpu" in kernels.BACKENDS

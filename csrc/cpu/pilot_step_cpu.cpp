@@ -24,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -298,8 +299,10 @@ std::vector<int64_t> pilot_step(
               "pilot_step (cpu): l1_accum must be float32, got ", l1_accum->scalar_type());
 
   std::vector<int64_t> slow;
+  std::vector<size_t> fused;  // indices of the tensors the kernel updates
   std::vector<Item> items;
   items.reserve(n);
+  fused.reserve(n);
   int64_t total = 0;
   const at::ScalarType x_dtype = n ? xs[0].scalar_type() : at::kFloat;
   std::optional<at::ScalarType> g_dtype;
@@ -344,7 +347,22 @@ std::vector<int64_t> pilot_step(
                          has_momentum ? (*momentum_ms)[i].data_ptr<float>() : nullptr,
                          has_momentum ? (*momentum_ws)[i].data_ptr<float>() : nullptr, total,
                          static_cast<bool>(firsts[i])});
+    fused.push_back(i);
     total += x.numel();
+  }
+
+  // Autograd's view of the kernel's in-place writes, as an in-place torch op gives it (the
+  // reference's copy_ bumps the slow ones): a graph that saved x before the step then
+  // refuses to backward through the stale value.  Raises, before anything is written, for
+  // an inference tensor outside InferenceMode.
+  for (const size_t i : fused) {
+    torch::autograd::impl::bump_version(xs[i]);
+    torch::autograd::impl::bump_version(ms[i]);
+    torch::autograd::impl::bump_version(ws[i]);
+    if (has_momentum) {
+      torch::autograd::impl::bump_version((*momentum_ms)[i]);
+      torch::autograd::impl::bump_version((*momentum_ws)[i]);
+    }
   }
 
   // Scalars rounded to fp32 as torch does for `python_float * fp32_tensor`; 2α and 1−τ
