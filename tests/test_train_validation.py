@@ -48,7 +48,9 @@ def refused(argv: list[str], match: str) -> None:
     (["-j", "-1"], r"--workers -1"),
     (["--data-path", "/data/imagenet", "--arch", "digits_cnn"],
      r"--arch digits_cnn takes the 1-channel embedded digits.*3-channel.*--arch resnet18"),
-    (["--alpha", "0"], r"--alpha 0 with --alpha-schedule adaptive: .* stays 0; give --alpha > 0"),
+    (["--target-sparsity", "off", "--alpha", "0"],
+     r"--alpha 0 with --alpha-schedule adaptive: .* stays 0; give --alpha > 0"),
+    (["--alpha", "0"], r"--alpha 0 with --alpha-schedule target"),  # the no-flag job's target mode
     (["--alpha", "0", "--alpha-schedule", "geometric"], r"--alpha 0 with --alpha-schedule geometric"),
     # flags that would have no effect
     (["--no-sweep", "--export-sparsity", "0.5"], r"--export-sparsity has no effect with --no-sweep"),
@@ -80,7 +82,11 @@ def refused(argv: list[str], match: str) -> None:
     (["--target-sparsity", "0.9", "--cycles", "1"], r"--target-sparsity trains one model for one sparsity, --cycles"),
     (["--method", "l1", "--target-sparsity", "0.9", "--alpha", "0"], r"--alpha 0 with --method l1 --target-sparsity"),
     (["--target-sparsity", "0.9", "--alpha", "0"], r"--alpha 0 with --alpha-schedule target"),
-    (["--share-tolerance", "0.1"], r"--share-tolerance is τ of --target-sparsity: give --target-sparsity S too"),
+    (["--target-sparsity", "off", "--share-tolerance", "0.1"],
+     r"--share-tolerance is τ of --target-sparsity: give --target-sparsity S too"),
+    (["--alpha-schedule", "adaptive", "--share-tolerance", "0.1"], r"--share-tolerance is τ of --target-sparsity"),
+    (["--data-path", "/data/x", "--arch", "resnet18", "--share-tolerance", "0.1"],
+     r"--share-tolerance is τ of --target-sparsity"),  # the default S is the embedded pilot job's only
     (["--target-sparsity", "0.9", "--share-tolerance", "1.5"], r"--share-tolerance 1.5: give τ, a fraction in \(0, 1\)"),
     (["--method", "dense", "--target-sparsity", "0.9", "--share-tolerance", "0.1"],
      r"--share-tolerance steers α, which --method dense does not have"),
@@ -105,19 +111,90 @@ def test_target_sparsity_sets_the_schedule_the_export_and_the_sweep():
     assert (same.export_sparsity, same.share_tolerance) == (0.9, 0.1)
     dense = train.resolve_args(train.parse_args(["--method", "dense", "--target-sparsity", "0.9"]), 1)
     assert dense.export_sparsity == 0.9 and 0.9 in dense.sweep
-    plain = train.resolve_args(train.parse_args([]), 1)  # without S nothing changes
+    plain = train.resolve_args(train.parse_args(["--target-sparsity", "off"]), 1)  # without S nothing changes
     assert (plain.alpha_schedule, plain.export_sparsity, plain.target_sparsity) == ("adaptive", None, None)
-    assert (plain.dataset, plain.image_size) == ("digits", None)
+    assert (plain.dataset, plain.image_size, plain.alpha) == ("digits", None, 2e-2)
+
+
+def resolved(*argv: str):
+    return train.resolve_args(train.parse_args(["--output-dir", "", *argv]), world_size=1)
+
+
+def test_the_no_flag_job_trains_for_98_percent(tmp_path):
+    """A new pilot run on the embedded data: S = MAIN_JOB_TARGET with the target mode's
+    α0, exported and swept at S; τ and α0 may be tuned without leaving the target mode."""
+    main = resolved()
+    assert train.MAIN_JOB_TARGET == 0.98
+    assert (main.method, main.target_sparsity, main.alpha_schedule, main.alpha, main.export_sparsity) == \
+        ("pilot", 0.98, "target", 1e-3, 0.98)
+    assert main.target_default and 0.98 in main.sweep
+    for argv in (["--dataset", "mnist"], ["--method", "pilot", "--epochs", "3"], ["--share-tolerance", "0.05"],
+                 ["--alpha", "5e-3"],
+                 ["--resume", "auto", "--output-dir", str(tmp_path)]):  # auto without a checkpoint: a new run
+        args = resolved(*argv)
+        assert (args.target_sparsity, args.alpha_schedule, args.target_default) == (0.98, "target", True), argv
+    assert resolved("--alpha", "5e-3").alpha == 5e-3
+    given = resolved("--target-sparsity", "0.9")  # a typed S is not the default
+    assert (given.target_sparsity, given.target_default) == (0.9, False)
+
+
+@pytest.mark.parametrize("argv,schedule", [
+    (["--target-sparsity", "off"], "adaptive"),
+    (["--target-sparsity", "OFF"], "adaptive"),
+    (["--target-sparsity", "none"], "adaptive"),
+    (["--alpha-schedule", "adaptive"], "adaptive"),
+    (["--alpha-schedule", "constant"], "constant"),
+    (["--delta", "1.02"], "adaptive"),
+    (["--l1-threshold", "100"], "adaptive"),
+    (["--export-sparsity", "0.9"], "adaptive"),  # an export point of the adaptive run's sweep
+    (["--cycles", "1"], "adaptive"),  # iterative pruning
+    (["--method", "spred"], "constant"),
+    (["--method", "l1"], "adaptive"),  # (no α schedule: l1's α is constant)
+    (["--method", "dense"], "adaptive"),
+    (["--data-path", "/data/x", "--arch", "resnet18"], "adaptive"),
+    (["--synthetic"], "adaptive"),
+])
+def test_the_default_target_stays_off_where_the_run_asks_for_something_else(argv, schedule):
+    args = resolved(*argv)
+    assert (args.target_sparsity, args.alpha_schedule, args.target_default) == (None, schedule, False)
+    assert args.export_sparsity == (0.9 if "--export-sparsity" in argv else None)
+
+
+def test_target_sparsity_takes_off_or_a_number(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--target-sparsity", "most"])
+    assert "'most': give the fraction of weights to prune, in (0, 1), e.g. 0.9, or 'off'" in capsys.readouterr().err
+    text = " ".join(train.get_args_parser().format_help().split())
+    assert "Default: 0.98 for a new --method pilot run on the embedded data" in text and "'off': no target" in text
+
+
+def test_data_path_target_alpha0_follows_the_steps():
+    """--data-path/--synthetic target mode: α0 is left to run() (None after resolve_args),
+    which sets TARGET_ALPHA_STEPS / (lr · steps); an explicit --alpha wins."""
+    args = resolved("--data-path", "/data/x", "--arch", "resnet18", "--target-sparsity", "0.9")
+    assert args.alpha is None and args.alpha_schedule == "target"
+    assert resolved("--data-path", "/data/x", "--arch", "resnet18", "--target-sparsity", "0.9",
+                    "--alpha", "3e-4").alpha == 3e-4
+    assert resolved("--data-path", "/data/x", "--arch", "resnet18").alpha == 1e-5  # adaptive: unchanged
+    # The digits' 40 epochs x 22 steps at lr 0.1 give 1.1e-3, by the measured embedded 1e-3.
+    assert train.steps_alpha0(0.1, 40 * 22) == pytest.approx(0.1 / 88)
+    assert train.steps_alpha0(0.4, 90 * 5005) == pytest.approx(0.1 / (0.4 * 90 * 5005))
 
 
 # ---------------------------------------------------------------------- --resume
-def fake_checkpoint(path: Path, *, pilot: bool = True, with_args: bool = True, epoch: int = 0, **run_args) -> Path:
-    """What train.py's checkpoint holds, as far as flag resolution reads it."""
+# The no-flag job as it was before it trained for a target sparsity: adaptive α, no S.
+ADAPTIVE_JOB = ("--target-sparsity", "off")
+
+
+def fake_checkpoint(path: Path, *, pilot: bool = True, with_args: bool = True, epoch: int = 0,
+                    argv: tuple = ADAPTIVE_JOB, **run_args) -> Path:
+    """What train.py's checkpoint holds, as far as flag resolution reads it: the run of
+    ``argv``, changed by ``run_args``."""
     state = {"m": torch.ones(2, 2), "w": torch.ones(2, 2)} if pilot else {"momentum_buffer": torch.zeros(2, 2)}
     ck = {"epoch": epoch, "model": {"w": torch.zeros(2, 2)}, "rng": [], "lr_scheduler": {},
           "optimizer": {"state": {0: state}, "param_groups": [{"params": [0]}]}}
     if with_args:
-        saved = vars(train.resolve_args(train.parse_args(["--output-dir", ""]), world_size=1))
+        saved = vars(train.resolve_args(train.parse_args(["--output-dir", "", *argv]), world_size=1))
         saved.update(run_args)
         ck["args"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,3 +248,33 @@ def test_resume_takes_the_runs_flags_and_applies_the_changeable_ones(tmp_path):
     assert args.sweep == [0.0, 0.5]  # what the end of the run sweeps: the run's, unless given
     assert any(re.match(r"--epochs 12 \(the run had 10\): the lr cosine and the adaptive α", n) for n in args.resume_notes)
     assert "--workers 1 (the run had 0)" in args.resume_notes
+
+
+def test_resume_keeps_the_runs_alpha_schedule(tmp_path, no_training):
+    """The no-flag job's default S applies to new runs only: an adaptive run (one from
+    before the default, also one whose checkpoint predates --target-sparsity) resumes
+    adaptive, a run for 98% resumes for 98%, and switching either is refused."""
+    old = fake_checkpoint(tmp_path / "old" / "checkpoint.pt", alpha_schedule="adaptive")
+    args = resolved("--resume", str(old))
+    assert (args.target_sparsity, args.alpha_schedule, args.alpha, args.export_sparsity) == (None, "adaptive", 2e-2, None)
+    assert resolved("--resume", str(old), "--target-sparsity", "off").alpha_schedule == "adaptive"
+    older = tmp_path / "older" / "checkpoint.pt"
+    fake_checkpoint(older)
+    ck = torch.load(older, weights_only=False)
+    for key in ("target_sparsity", "share_tolerance", "dataset", "target_default"):
+        ck["args"].pop(key)
+    torch.save(ck, older)
+    args = resolved("--resume", str(older))
+    assert (args.target_sparsity, args.alpha_schedule, args.alpha) == (None, "adaptive", 2e-2)
+    bare = fake_checkpoint(tmp_path / "bare" / "checkpoint.pt", with_args=False)  # nothing says what it was
+    assert (resolved("--resume", str(bare)).target_sparsity, resolved("--resume", str(bare)).alpha_schedule) == \
+        (None, "adaptive")
+    refused(["--resume", str(old), "--target-sparsity", "0.98"],
+            r"--target-sparsity 0.98 \(the run's: off; a run keeps its α schedule\).*Drop them")
+
+    new = fake_checkpoint(tmp_path / "new" / "checkpoint.pt", argv=())
+    args = resolved("--resume", str(new))
+    assert (args.target_sparsity, args.alpha_schedule, args.alpha, args.export_sparsity) == (0.98, "target", 1e-3, 0.98)
+    assert resolved("--resume", str(new), "--target-sparsity", "0.98").target_sparsity == 0.98
+    refused(["--resume", str(new), "--target-sparsity", "off"], r"--target-sparsity off \(the run's: 0.98; a run keeps")
+    refused(["--resume", str(new), "--alpha-schedule", "adaptive"], r"--alpha-schedule adaptive \(the run's: target\)")

@@ -2,7 +2,8 @@
 
 ========  ==========================================================================
 dense     ``torch.optim.SGD`` on the plain weights ``x``
-pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1)
+pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1); the
+          trainer's no-flag job on the embedded data steers α to 98% sparsity instead
 spred     :class:`pilot_kernels.PILoT`, ``β = 0``, constant α (Ziyin & Wang, 2023)
 l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·sign(x)``
           on the tensors with ``ndim >= 2`` (:func:`pilot_kernels.sparsity.add_l1_subgradient_`)
@@ -16,6 +17,7 @@ Target sparsity (``--target-sparsity S``).  pilot and spred get
 :class:`pilot_kernels.schedules.TargetSparsity` (``--alpha-schedule target``) on their
 reparameterized tensors; l1 gets the same controller on SGD's ``"alpha"``, measuring
 the tensors with ``ndim >= 2``; dense has no α and is only pruned to ``S`` at the end.
+The trainer decides ``S`` and α0 (``train.py``: ``MAIN_JOB_TARGET``, ``TARGET_ALPHA_STEPS``).
 
 Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
 ``pilot``/``spred`` use two param groups: the reparameterized tensors (``ndim >= 2``)
