@@ -527,24 +527,33 @@ def test_weight_rewinding_resets_survivors(tmp_path):
 
 
 # ---------------------------------------------------------------------- DDP
-@pytest.mark.slow
-def test_ddp_two_process_gloo_identical_parameters(tmp_path):
+def run_ddp(tmp_path, record: str, flags: list[str]) -> None:
+    """``train.main(flags)`` on 2 gloo processes (torchrun); each rank saves its model to
+    ``rank<r>.pt`` and ``record`` (a Python expression of ``res``) to ``rank<r>.json``."""
     helper = tmp_path / "ddp_run.py"
     helper.write_text(textwrap.dedent(f"""
-        import os, sys, json, torch
+        import gc, os, sys, json, torch
         import train
         res = train.main(sys.argv[1:])
         rank = os.environ["RANK"]
         torch.save(res["model"].state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
         with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as f:
-            json.dump({{"val": res["history"][-1]["val"], "train": res["history"][-1]["train"],
-                       "alpha": res["history"][-1]["alpha"], "sweep": res.get("sweep")}}, f)
+            json.dump({record}, f)
+        del res  # the DDP model holds the process group: free it before interpreter shutdown
+        gc.collect()
     """))
     env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
-           *fast_flags(()), "--epochs", "1", "-b", "32", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
+           *flags, "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo_identical_parameters(tmp_path):
+    run_ddp(tmp_path, '{"val": res["history"][-1]["val"], "train": res["history"][-1]["train"], '
+                      '"alpha": res["history"][-1]["alpha"], "sweep": res.get("sweep")}',
+            [*fast_flags(()), "--epochs", "1", "-b", "32"])
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -562,30 +571,16 @@ def test_ddp_two_process_gloo_identical_parameters(tmp_path):
     assert (out / "sparse_model.pt").is_file()
 
 
-# ---------------------------------------------------------------------- benchmark script
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["l1"])
 def test_ddp_target_sparsity_ranks_take_the_same_decisions(tmp_path, method):
     """2 gloo processes, --target-sparsity: the controller reads the all-reduced train
     accuracy and the share of the replicated weights, so every rank holds the same α
     after every epoch (l1: SGD's group α, read by each rank's α·sign(x) step)."""
-    helper = tmp_path / "ddp_run.py"
-    helper.write_text(textwrap.dedent(f"""
-        import os, sys, json, torch
-        import train
-        res = train.main(sys.argv[1:])
-        rank = os.environ["RANK"]
-        torch.save(res["model"].state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
-        with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as f:
-            json.dump({{"history": [{{k: r[k] for k in ("alpha", "share", "val")}} | {{"acc": r["train"]["acc"]}}
-                                    for r in res["history"]], "target": res.get("target")}}, f)
-    """))
-    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
-           *fast_flags(()), "--method", method, "--epochs", "3", "-b", "32", "--image-size", "8",
-           "--target-sparsity", "0.9", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp(tmp_path, '{"history": [{k: r[k] for k in ("alpha", "share", "val")} | {"acc": r["train"]["acc"]} '
+                      'for r in res["history"]], "target": res.get("target")}',
+            [*fast_flags(()), "--method", method, "--epochs", "3", "-b", "32", "--image-size", "8",
+             "--target-sparsity", "0.9"])
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -596,6 +591,7 @@ def test_ddp_target_sparsity_ranks_take_the_same_decisions(tmp_path, method):
     assert json.loads((tmp_path / "run" / "sweep.json").read_text())["target"] == ra["target"]
 
 
+# ---------------------------------------------------------------------- benchmark script
 def test_compare_methods_smoke(tmp_path):
     import compare_methods
 
@@ -611,7 +607,7 @@ def test_compare_methods_smoke(tmp_path):
 # evaluates uneven validation shards (100 vs 40 images) in lockstep while the process
 # group is alive.
 _DIST_HELPER = """
-import json, os, sys, torch
+import gc, json, os, sys, torch
 import train
 from dist import init_distributed, shutdown
 
@@ -636,6 +632,10 @@ try:
     with open(os.path.join(os.environ["HELPER_OUT"], f"rank{{info.rank}}.json"), "w") as f:
         json.dump(rec, f)
 finally:
+    # The FSDP model holds the process group: free both while the interpreter is alive (a
+    # gloo group destroyed during interpreter shutdown can abort the process, SIGABRT).
+    res = None
+    gc.collect()
     shutdown()
 """
 

@@ -286,12 +286,28 @@ def markdown(summary: dict[str, Any], args, wall: float, env_line: str, runs: li
 
 
 # ---------------------------------------------------------------------- target mode
+def _env_line(env: dict[str, Any]) -> str:
+    """The one-line machine summary printed under each results table."""
+    return f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
+
+
 def _stem(out: Path, kind: str, dataset: Optional[str]) -> Path:
     """``compare_methods_<kind>[_<dataset>]``: the default data keeps the unsuffixed names."""
     name = f"compare_methods_{kind}"
     if dataset and dataset != DEFAULT_DATASET:
         name += f"_{dataset}"
     return out / name
+
+
+def _write_results(args, kind: str, payload: dict[str, Any]) -> Path:
+    """``payload`` with the environment into ``<--out>/compare_methods_<kind>[_<dataset>].json``;
+    returns the file's stem (the .md and .png go beside it)."""
+    env = environment("cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(out, kind, args.dataset)
+    write_json(str(stem) + ".json", {"environment": env, "env_line": _env_line(env), **payload})
+    return stem
 
 
 def run_target(method: str, target: Optional[float], seed: int, epochs: int, workdir: Path,
@@ -641,13 +657,7 @@ def main_target(args, targets: list[float]) -> dict[str, Any]:
     summary = summarize_target(runs, targets)
     images = next((r.get("val_images") for r in runs if r.get("val_images")), None)
 
-    env = environment("cpu")
-    env_line = f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _stem(out, "target", args.dataset)
-    write_json(str(stem) + ".json", {
-        "environment": env, "env_line": env_line,
+    stem = _write_results(args, "target", {
         "args": {"seeds": args.seeds, "epochs": args.epochs, "methods": methods, "dataset": args.dataset,
                  "jobs": args.jobs},
         "targets": targets,
@@ -735,14 +745,7 @@ def main(argv=None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     summary = summarize(runs)
 
-    env = environment("cpu")
-    env_line = f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _stem(out, "embedded", args.dataset)
-    write_json(str(stem) + ".json", {
-        "environment": env, "env_line": env_line,
+    stem = _write_results(args, "embedded", {
         "args": {"seeds": args.seeds, "epochs": args.epochs, "methods": args.methods, "dataset": args.dataset},
         "configs": {k: {"flags": v[0], "label": v[1]} for k, v in CONFIGS.items() if k in args.methods},
         "sparsities": SPARSITIES, "summary": summary, "runs": runs, "wall_s": wall,
@@ -756,7 +759,7 @@ def render(stem: Path) -> dict[str, Any]:
     args = argparse.Namespace(**data["args"])
     summary, runs, wall = data["summary"], data["runs"], data["wall_s"]
     env = data["environment"]
-    env_line = data.get("env_line") or f"CPU: {env.get('cpu', env.get('platform'))}, {env.get('cpu_count')} cores"
+    env_line = data.get("env_line") or _env_line(env)
     md = markdown(summary, args, wall, env_line, runs)
     with atomic_write(str(stem) + ".md", "w") as f:
         f.write(md)

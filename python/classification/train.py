@@ -66,6 +66,7 @@ with ``ndim >= 2``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -1073,3 +1074,6 @@ def n_weights(model: nn.Module) -> int:
 
 if __name__ == "__main__":
     main()
+    # The returned model (FSDP/DDP) holds the process group; collect it while the interpreter
+    # is alive: a gloo group freed during interpreter shutdown can abort the process.
+    gc.collect()
