@@ -124,15 +124,15 @@ def test_the_no_flag_job_trains_for_98_percent(tmp_path):
     """A new pilot run on the embedded data: S = MAIN_JOB_TARGET with the target mode's
     α0, exported and swept at S; τ and α0 may be tuned without leaving the target mode."""
     main = resolved()
-    assert train.MAIN_JOB_TARGET == 0.98
+    assert train.MAIN_JOB_TARGET == 0.97
     assert (main.method, main.target_sparsity, main.alpha_schedule, main.alpha, main.export_sparsity) == \
-        ("pilot", 0.98, "target", 1e-3, 0.98)
-    assert main.target_default and 0.98 in main.sweep
+        ("pilot", 0.97, "target", 1e-3, 0.97)
+    assert main.target_default and 0.97 in main.sweep
     for argv in (["--dataset", "mnist"], ["--method", "pilot", "--epochs", "3"], ["--share-tolerance", "0.05"],
                  ["--alpha", "5e-3"],
                  ["--resume", "auto", "--output-dir", str(tmp_path)]):  # auto without a checkpoint: a new run
         args = resolved(*argv)
-        assert (args.target_sparsity, args.alpha_schedule, args.target_default) == (0.98, "target", True), argv
+        assert (args.target_sparsity, args.alpha_schedule, args.target_default) == (0.97, "target", True), argv
     assert resolved("--alpha", "5e-3").alpha == 5e-3
     given = resolved("--target-sparsity", "0.9")  # a typed S is not the default
     assert (given.target_sparsity, given.target_default) == (0.9, False)
@@ -165,7 +165,7 @@ def test_target_sparsity_takes_off_or_a_number(capsys):
         train.parse_args(["--target-sparsity", "most"])
     assert "'most': give the fraction of weights to prune, in (0, 1), e.g. 0.9, or 'off'" in capsys.readouterr().err
     text = " ".join(train.get_args_parser().format_help().split())
-    assert "Default: 0.98 for a new --method pilot run on the embedded data" in text and "'off': no target" in text
+    assert "Default: 0.97 for a new --method pilot run on the embedded data" in text and "'off': no target" in text
 
 
 def test_data_path_target_alpha0_follows_the_steps():
@@ -253,7 +253,7 @@ def test_resume_takes_the_runs_flags_and_applies_the_changeable_ones(tmp_path):
 def test_resume_keeps_the_runs_alpha_schedule(tmp_path, no_training):
     """The no-flag job's default S applies to new runs only: an adaptive run (one from
     before the default, also one whose checkpoint predates --target-sparsity) resumes
-    adaptive, a run for 98% resumes for 98%, and switching either is refused."""
+    adaptive, a run for 97% resumes for 97%, and switching either is refused."""
     old = fake_checkpoint(tmp_path / "old" / "checkpoint.pt", alpha_schedule="adaptive")
     args = resolved("--resume", str(old))
     assert (args.target_sparsity, args.alpha_schedule, args.alpha, args.export_sparsity) == (None, "adaptive", 2e-2, None)
@@ -269,12 +269,12 @@ def test_resume_keeps_the_runs_alpha_schedule(tmp_path, no_training):
     bare = fake_checkpoint(tmp_path / "bare" / "checkpoint.pt", with_args=False)  # nothing says what it was
     assert (resolved("--resume", str(bare)).target_sparsity, resolved("--resume", str(bare)).alpha_schedule) == \
         (None, "adaptive")
-    refused(["--resume", str(old), "--target-sparsity", "0.98"],
-            r"--target-sparsity 0.98 \(the run's: off; a run keeps its α schedule\).*Drop them")
+    refused(["--resume", str(old), "--target-sparsity", "0.97"],
+            r"--target-sparsity 0.97 \(the run's: off; a run keeps its α schedule\).*Drop them")
 
     new = fake_checkpoint(tmp_path / "new" / "checkpoint.pt", argv=())
     args = resolved("--resume", str(new))
-    assert (args.target_sparsity, args.alpha_schedule, args.alpha, args.export_sparsity) == (0.98, "target", 1e-3, 0.98)
-    assert resolved("--resume", str(new), "--target-sparsity", "0.98").target_sparsity == 0.98
-    refused(["--resume", str(new), "--target-sparsity", "off"], r"--target-sparsity off \(the run's: 0.98; a run keeps")
+    assert (args.target_sparsity, args.alpha_schedule, args.alpha, args.export_sparsity) == (0.97, "target", 1e-3, 0.97)
+    assert resolved("--resume", str(new), "--target-sparsity", "0.97").target_sparsity == 0.97
+    refused(["--resume", str(new), "--target-sparsity", "off"], r"--target-sparsity off \(the run's: 0.97; a run keeps")
     refused(["--resume", str(new), "--alpha-schedule", "adaptive"], r"--alpha-schedule adaptive \(the run's: target\)")

@@ -3,11 +3,11 @@
 
 Flags follow torchvision's classification reference.  With no flags at all the script
 trains the small default CNN on the handwritten digits shipped inside scikit-learn
-(no download) with PILoT for a model exactly 98% sparse (``--target-sparsity 0.98``, the
+(no download) with PILoT for a model exactly 97% sparse (``--target-sparsity 0.97``, the
 target mode below) — 40 epochs, about a minute on two CPU cores — and ends with the
-accuracy-vs-sparsity sweep and top-1 at 98% next to the unpruned top-1::
+accuracy-vs-sparsity sweep and top-1 at 97% next to the unpruned top-1::
 
-    python python/classification/train.py                                      # embedded digits, PILoT, 98%
+    python python/classification/train.py                                      # embedded digits, PILoT, 97%
     python python/classification/train.py --target-sparsity off                # adaptive α (Algorithm 1) instead
     python python/classification/train.py --method dense                       # the dense baseline
     python python/classification/train.py --target-sparsity 0.9                # a model exactly 90% sparse
@@ -50,7 +50,7 @@ it otherwise, and decays it over the last quarter of the epochs; dense has no α
 only pruned.  The run exports at ``S``, logs the share every epoch (console and
 ``metrics.jsonl``), and ends with top-1 at ``S`` next to the unpruned top-1 (also in
 ``sweep.json`` under ``"target"``).  A new ``--method pilot`` run on the embedded data
-takes ``S = 0.98`` unless it asks for the adaptive run (``--alpha-schedule``,
+takes ``S = 0.97`` unless it asks for the adaptive run (``--alpha-schedule``,
 ``--delta``, ``--l1-threshold``, ``--export-sparsity``, ``--cycles``) or gives
 ``--target-sparsity off``; a resumed run keeps its own schedule.  α0 is measured for the
 embedded data; on ``--data-path`` (and ``--synthetic``) it is ``0.1 / (lr · optimizer
@@ -135,10 +135,12 @@ DEFAULT_SHARE_TOLERANCE = 0.02
 GENERIC = dict(arch="resnet18", epochs=90, batch_size=32, lr=0.1, momentum=0.9, lr_warmup_epochs=0,
                label_smoothing=0.0, alpha={"pilot": 1e-5, "spred": 1e-5, "l1": 1e-5, "dense": 0.0},
                target_alpha={"pilot": None, "spred": None, "l1": None, "dense": 0.0}, l1_threshold=0.0)
-# The no-flag job (embedded data, --method pilot) trains for this sparsity: on the digits
-# (seed 0, 40 epochs) 98.89% top-1 at exactly 98% sparse, 99.44% unpruned; the same job
-# with the adaptive α of Algorithm 1 kept 97.78% at 98% (99.72% unpruned).
-MAIN_JOB_TARGET = 0.98
+# The no-flag job (embedded data, --method pilot) trains for this sparsity.  On the digits
+# (40 epochs, 2 CPU threads) it keeps 99.17% top-1 at exactly 97% sparse (seeds 0 and 1;
+# 99.72% / 99.44% unpruned).  0.98 was the first choice, but its result depends on the
+# seed and on the thread count (float reduction order): 96.39%, 96.94% and 99.44% at 98%
+# for seeds 0-2 on 2 threads, 98.89% for seed 0 on one thread.
+MAIN_JOB_TARGET = 0.97
 # α0 of the target mode on --data-path/--synthetic data, as c / (lr · optimizer steps).
 # The α term moves every weight towards 0 by about lr·α per step, so over a run of N
 # steps α0 alone shrinks a weight by lr·α0·N = c: a tenth of a typical initial weight
