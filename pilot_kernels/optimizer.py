@@ -1158,7 +1158,6 @@ def pilot(
     )
 
 
-
 def _foreach_sgd(params: list, grads: list, bufs: list, *, lr: float, momentum: float, dampening: float,
                  nesterov: bool, weight_decay: float, maximize: bool) -> None:
     """``torch.optim.sgd._multi_tensor_sgd`` for tensors of one device and dtype whose

@@ -105,6 +105,9 @@ def split_scalar(v: Union[float, torch.Tensor]) -> tuple[float, Optional[torch.T
     return (0.0, v) if isinstance(v, torch.Tensor) else (float(v), None)
 
 
+_LOADED: dict = {}  # backend name -> its module, imported once (get_step_fn)
+
+
 def get_step_fn(name: str) -> Callable[..., None]:
     """The ``pilot_step`` function of a concrete backend (imported on first use).
 
@@ -117,6 +120,3 @@ def get_step_fn(name: str) -> Callable[..., None]:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
         module = _LOADED[name] = importlib.import_module(_MODULES[name])
     return module.pilot_step
-
-
-_LOADED: dict = {}

@@ -132,19 +132,28 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def run_one(config: str, seed: int, epochs: int, workdir: Path, dataset: Optional[str] = None) -> dict[str, Any]:
-    flags, _ = CONFIGS[config]
-    out = workdir / f"{config}-seed{seed}"
-    cmd = [sys.executable, str(TRAIN), *flags, *_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed),
-           "--no-progress", "--print-freq", "0", "--output-dir", str(out), "--overwrite",  # --keep-runs may hold an earlier run
-           "--sweep-sparsities", ",".join(f"{s:g}" for s in SPARSITIES)]
+def _run_train(flags: list[str], out: Path, what: str) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """One ``train.py`` process with ``flags`` into ``out`` (quiet, overwriting: --keep-runs
+    may hold an earlier run); returns its ``sweep.json``, its ``metrics.jsonl`` records and
+    the wall time.  A failed run raises, naming ``what``, the exit code and the output's tail."""
+    cmd = [sys.executable, str(TRAIN), *flags, "--no-progress", "--print-freq", "0", "--overwrite",
+           "--output-dir", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(), cwd=str(ROOT))
     if proc.returncode != 0:
-        raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    sweep = json.loads((out / "sweep.json").read_text())
-    last = _metrics(out)[-1]
-    return {"config": config, "seed": seed, "rows": sweep["rows"], "wall_s": time.perf_counter() - t0,
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): "
+                           f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads((out / "sweep.json").read_text()), _metrics(out), time.perf_counter() - t0
+
+
+def run_one(config: str, seed: int, epochs: int, workdir: Path, dataset: Optional[str] = None) -> dict[str, Any]:
+    flags, _ = CONFIGS[config]
+    sweep, metrics, wall = _run_train(
+        [*flags, *_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed),
+         "--sweep-sparsities", ",".join(f"{s:g}" for s in SPARSITIES)],
+        workdir / f"{config}-seed{seed}", f"{config} seed {seed}")
+    last = metrics[-1]
+    return {"config": config, "seed": seed, "rows": sweep["rows"], "wall_s": wall,
             "final_train_acc": last["train"]["acc"], "final_alpha": last["alpha"], "final_l1": last["l1"],
             "arch": sweep.get("arch"), "val_images": last["val"].get("images")}
 
@@ -317,24 +326,16 @@ def run_target(method: str, target: Optional[float], seed: int, epochs: int, wor
     trained with ``--target-sparsity target`` and read from ``sweep.json``'s ``"target"``
     entry (``sparsity``, ``top1`` at it, ``top1_unpruned``, ``reached``)."""
     flags, _ = TARGET_CONFIGS[method]
-    common = [*_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed), "--no-progress",
-              "--print-freq", "0", "--overwrite"]  # --keep-runs may hold an earlier run
+    common = [*_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed)]
     if method == "dense":
         out = workdir / f"dense-seed{seed}"
         extra = ["--sweep-sparsities", ",".join(f"{s:g}" for s in [0.0, *targets])]
     else:
         out = workdir / f"{method}-S{target:g}-seed{seed}"
         extra = ["--target-sparsity", f"{target:g}"]
-    cmd = [sys.executable, str(TRAIN), *flags, *common, *extra, "--output-dir", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(), cwd=str(ROOT))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} S={target} seed {seed} failed (exit {proc.returncode}): "
-                           f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    sweep = json.loads((out / "sweep.json").read_text())
-    metrics = _metrics(out)
+    sweep, metrics, wall = _run_train([*flags, *common, *extra], out, f"{method} S={target} seed {seed}")
     last = metrics[-1]
-    rec: dict[str, Any] = {"method": method, "target": target, "seed": seed, "wall_s": time.perf_counter() - t0,
+    rec: dict[str, Any] = {"method": method, "target": target, "seed": seed, "wall_s": wall,
                            "final_train_acc": last["train"]["acc"], "arch": sweep.get("arch"),
                            "val_images": last["val"].get("images")}
     if method == "dense":

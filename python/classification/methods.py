@@ -3,7 +3,7 @@
 ========  ==========================================================================
 dense     ``torch.optim.SGD`` on the plain weights ``x``
 pilot     :class:`pilot_kernels.PILoT`, ``β = 1``, adaptive α (paper Algorithm 1); the
-          trainer's no-flag job on the embedded data steers α to 98% sparsity instead
+          trainer's no-flag job on the embedded data steers α to 97% sparsity instead
 spred     :class:`pilot_kernels.PILoT`, ``β = 0``, constant α (Ziyin & Wang, 2023)
 l1        ``torch.optim.SGD`` on ``x`` plus the explicit L1 subgradient ``α·sign(x)``
           on the tensors with ``ndim >= 2`` (:func:`pilot_kernels.sparsity.add_l1_subgradient_`)
@@ -94,16 +94,14 @@ def weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -> Optional[AlphaScheduler]:
     """The α schedule (stepped once per epoch); ``None`` for dense, and for l1 without
     ``--target-sparsity`` (its α stays constant)."""
-    target = getattr(args, "target_sparsity", None)
-    if not isinstance(optimizer, PILoT):
-        if target is None or args.method != "l1":
-            return None
-        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance,
-                              acc_tolerance=TARGET_ACC_TOLERANCE, measure=weights(optimizer))
+    pilot = isinstance(optimizer, PILoT)
     kind = args.alpha_schedule
-    if kind == "target":
-        return TargetSparsity(optimizer, target, epochs, tolerance=args.share_tolerance,
-                              acc_tolerance=TARGET_ACC_TOLERANCE)
+    # l1 with --target-sparsity resolves to "target" too (l1 takes no other schedule).
+    if kind == "target" and (pilot or args.method == "l1"):
+        return TargetSparsity(optimizer, args.target_sparsity, epochs, tolerance=args.share_tolerance,
+                              acc_tolerance=TARGET_ACC_TOLERANCE, measure=None if pilot else weights(optimizer))
+    if not pilot:
+        return None
     if kind == "adaptive":
         return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold)
     if kind == "constant":
@@ -126,7 +124,7 @@ def step_alpha(scheduler: Optional[AlphaScheduler], train_acc: float) -> None:
         scheduler.step()
 
 
-def current_alpha(optimizer: torch.optim.Optimizer, args) -> float:
+def current_alpha(optimizer: torch.optim.Optimizer) -> float:
     """α of the reparameterized group (PILoT) or the L1 strength of SGD's group (l1); 0 for dense."""
     return float(optimizer.param_groups[0].get("alpha", 0.0))
 

@@ -4,7 +4,7 @@
 Flags follow torchvision's classification reference.  With no flags at all the script
 trains the small default CNN on the handwritten digits shipped inside scikit-learn
 (no download) with PILoT for a model exactly 97% sparse (``--target-sparsity 0.97``, the
-target mode below) — 40 epochs, about a minute on two CPU cores — and ends with the
+target mode below) — 40 epochs, about 40 s on two CPU cores — and ends with the
 accuracy-vs-sparsity sweep and top-1 at 97% next to the unpruned top-1::
 
     python python/classification/train.py                                      # embedded digits, PILoT, 97%
@@ -893,7 +893,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
             val = evaluate(eval_model, criterion, data.val_loader, args, info, lockstep=args.fsdp)
             record: dict[str, Any] = {
                 "epoch": epoch, "train": train, "val": val,
-                "lr": train["lr"], "alpha": current_alpha(optimizer, args),
+                "lr": train["lr"], "alpha": current_alpha(optimizer),
                 "l1": l1_norm(model_without_ddp, optimizer),
                 "sparsity": sparsities_at(model_without_ddp, optimizer, args.thresholds),
                 "time_s": time.perf_counter() - t0,
