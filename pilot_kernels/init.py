@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["split", "split_", "exact_split_share"]
+__all__ = ["split", "split_", "exact_split_share", "splits_by_default"]
+
+def splits_by_default(p: Tensor) -> bool:
+    """PILoT's default rule (``reparam="auto"``), the one place it is written: weight
+    tensors (``ndim >= 2``: linear, conv, embedding) are split; biases and norms are not."""
+    return p.ndim >= 2
+
 
 # Above this |x|, 4x² overflows fp32 (at |x| ≈ 9.2e18); there m is computed from
 # hypot(β/2, x) instead, which is the same number without the square.
