@@ -1,9 +1,10 @@
 """The PILoT optimizer: ``x = m ⊙ w`` trained with a time-varying weight decay α_t.
 
-Layout follows ``torch/optim/sgd.py``: the :class:`PILoT` class gathers tensors and
-state (``_gather``, torch's ``_init_group``: Dynamo intercepts a method of that name and
-runs it eagerly, so ours has another), :func:`pilot` is the functional step, and the
-backends in :mod:`pilot_kernels.kernels` do the arithmetic.
+Laid out as ``torch/optim/sgd.py``: the :class:`PILoT` class gathers each group's
+tensors and state (:meth:`PILoT._gather`, torch's ``_init_group``: Dynamo intercepts a
+method of that name and runs it eagerly, so ours has another), :func:`pilot` is the
+functional step, and :func:`pilot_kernels.kernels.run_step` picks the backend that does
+the arithmetic.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import operator
 from collections import defaultdict
 from copy import deepcopy
-from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -22,9 +22,9 @@ from torch.optim.sgd import sgd as _sgd_functional
 
 from .dtensor import DTensor, all_reduce_over_shards_, shard_groups
 from .dtensor import local as _local
-from .init import split
-from .kernels import check_backend_name, get_step_fn, resolve_backend, split_scalar
-from .kernels.layout import LayoutGuard
+from .init import split, splits_by_default
+from .kernels import check_backend_name, run_step
+from .kernels.api import StepExtras, StepHparams, StepTensors
 
 __all__ = ["PILoT", "pilot"]
 
@@ -35,20 +35,33 @@ _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
 _SGD_MOMENTUM_KEY = "momentum_buffer"
 # False until a tensor's momentum buffers hold history (SGD's first step: b = d).
 _STARTED = "momentum_started"
-# Group keys the step reads; a change of any of them re-validates the group.
+# Group keys the step reads; every one is checked when it changes.
 _HPARAM_KEYS = ("lr", "momentum", "dampening", "nesterov", "alpha", "beta", "weight_decay",
-                "maximize", "reparam", "backend", "capturable")
+                "maximize", "reparam", "backend", "capturable", "adopt_writes")
+_BOOL_KEYS = ("nesterov", "maximize", "capturable", "adopt_writes")
 
-# Readers for the step's gather, applied with map() so the per-tensor loop runs in C
-# (see PILoT._gather_unmoved).
+# Readers for the gather, applied with map(): the per-tensor loop then runs in C.
 _GRAD = operator.attrgetter("grad")
-_IS_SPARSE = operator.attrgetter("is_sparse")    # AttributeError on a None gradient
-_VERSION = operator.attrgetter("_version")
-_PTR = operator.attrgetter("ptr")
-_DATA_PTR = Tensor.data_ptr
-_SPLIT_STATE = operator.itemgetter("m", "w", "momentum_m", "momentum_w", _STARTED)
-_SPLIT_STATE_NO_MOMENTUM = operator.itemgetter("m", "w")
-_SGD_STATE = operator.itemgetter(_SGD_MOMENTUM_KEY, _STARTED)
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_FACTORS = operator.itemgetter("m", "w")
+_FACTORS_AND_MOMENTA = operator.itemgetter("m", "w", "momentum_m", "momentum_w", _STARTED)
+_SGD_MOMENTUM = operator.itemgetter(_SGD_MOMENTUM_KEY, _STARTED)
+_SHAPE = operator.attrgetter("shape")
+_DEVICE = operator.attrgetter("device")
+
+
+def _with_grads(params: list) -> tuple[list, list]:
+    """``params`` that have a gradient, and their gradients; sparse ones raise."""
+    grads = list(map(_GRAD, params))
+    try:
+        sparse = any(map(_IS_SPARSE, grads))
+    except AttributeError:  # a gradient is None: leave its tensor out
+        has = list(map(operator.is_not, grads, repeat(None)))
+        params, grads = list(compress(params, has)), list(compress(grads, has))
+        sparse = any(map(_IS_SPARSE, grads))
+    if sparse:
+        raise _sparse_error(next(p for p, g in zip(params, grads) if g.is_sparse))
+    return params, grads
 
 
 # ---------------------------------------------------------------------- validation
@@ -57,7 +70,7 @@ def _check_value(group: dict, name: str, tensor_values: bool = True) -> None:
     one-element tensors, whose value is read only when ``tensor_values`` (a device
     tensor read is a host sync, which ``step`` avoids)."""
     v = group[name]
-    if name in ("nesterov", "maximize", "capturable"):
+    if name in _BOOL_KEYS:
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be True or False, got {v!r}")
     elif name == "reparam":
@@ -103,18 +116,13 @@ def _hparam_key(group: dict) -> tuple:
     return tuple((id(v), v) if isinstance(v, Tensor) else v for v in map(group.__getitem__, _HPARAM_KEYS))
 
 
-def _structure_key(group: dict) -> tuple:
-    """What a group's plan depends on, besides its tensors (see ``PILoT._plan``)."""
-    return (group["momentum"] != 0, group["reparam"], group["backend"], group["capturable"])
-
-
 def _sgd_hparams(group: dict) -> dict:
     """The group's hyperparameters that PILoT shares with torch.optim.SGD."""
     return {k: group[k] for k in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")}
 
 
-def _wants_reparam(p: Tensor, reparam: Union[str, bool]) -> bool:
-    return p.ndim >= 2 if reparam == "auto" else bool(reparam)
+def _wants_split(p: Tensor, reparam: Union[str, bool]) -> bool:
+    return splits_by_default(p) if reparam == "auto" else bool(reparam)
 
 
 def _check_param(p: Any, reparam: bool) -> None:
@@ -151,107 +159,63 @@ def _sparse_error(p: Tensor) -> RuntimeError:
     )
 
 
-# ---------------------------------------------------------------------- splitting
-def _represents(x: Tensor, m: Tensor, w: Tensor, beta: float) -> bool:
-    """Whether the factors ``m, w`` still stand for the value ``x`` holds: in every entry
-    either ``m ⊙ w`` rounds to ``x`` (the state a step or a checkpoint left) or ``m, w``
-    is exactly ``split(x)`` (the state of a fresh split, whose product may be an ulp off;
-    splitting again would change nothing).  One device reduction and host sync."""
-    lx, lm, lw = _local(x), _local(m), _local(w)
-    if lm.shape != lx.shape:
-        return False
-    lm, lw = lm.to(lx.device), lw.to(lx.device)
-    sm, sw = split(lx, beta)
-    return bool(((lm * lw).to(lx.dtype).eq(lx) | (sm.eq(lm) & sw.eq(lw))).all())
+def _dtype_error(x: Tensor) -> TypeError:
+    return TypeError(
+        f"a reparameterized parameter of shape {tuple(x.shape)} is now {x.dtype} "
+        "(model.double()?); PILoT splits float32, bfloat16 or float16 tensors: "
+        "convert the model back (e.g. model.float()), or build the optimizer "
+        "with reparam=False for it"
+    )
 
 
-# ---------------------------------------------------------------------- step plans
-@dataclass(eq=False)
-class _Split:
-    """One reparameterized tensor of a plan, with the mark of the optimizer's last write
-    to it: ``x._version`` and ``x.data_ptr()`` (``x`` is the local shard for DTensors)."""
+# ---------------------------------------------------------------------- L1 norm
+class _L1Slots:
+    """``Σ|m ⊙ w|`` per device, accumulated by the fused step itself.
 
-    p: Tensor
-    state: dict
-    version: int = -1
-    ptr: int = -1
-
-
-@dataclass(eq=False)
-class _Bucket:
-    """The reparameterized tensors of one group on one device with one dtype.
-
-    ``params``/``states`` (tuples, fixed with the plan) and ``ptrs`` are what the step's
-    gather reads when nothing moved (:meth:`PILoT._gather_unmoved`).  ``versions`` holds
-    every tensor's version counter after the bucket's last step if that step updated
-    all of them (else None).  It is then newer than the splits' own ``version``
-    (``stale``) until :meth:`flush` copies it there: a step that writes one list
-    instead of one attribute per tensor.
+    Each device has two fp32 slots: a step adds into one and clears the other inside
+    the same kernel, so no launch zeroes the accumulator.  Capturable optimizers zero
+    and fill one slot instead (a replayed CUDA graph cannot flip a host-side index).
     """
 
-    device: torch.device
-    dtype: torch.dtype
-    backend: str
-    splits: list = field(default_factory=list)
-    workspace: dict = field(default_factory=dict)
-    params: tuple = ()
-    states: tuple = ()
-    ptrs: list = field(default_factory=list)
-    versions: Optional[list] = None
-    stale: bool = False
+    def __init__(self) -> None:
+        self.slots: dict[torch.device, Tensor] = {}
+        self.latest: dict[torch.device, int] = {}
 
-    def seal(self) -> None:
-        """Fix the tuples once every split is in (the plan is built)."""
-        self.params = tuple(s.p for s in self.splits)
-        self.states = tuple(s.state for s in self.splits)
-        # A split's ptr changes only where the plan is dropped (_set_factors,
-        # _adopt_writes), so the marks' addresses are fixed for the plan's life.
-        self.ptrs = list(map(_PTR, self.splits))
-        # The optimizer checks before every call that no x moved since the last (its
-        # write check): the Triton launcher need not compare x's addresses again.
-        self.workspace["xs_fixed"] = True
+    def buffer(self, device: torch.device) -> Tensor:
+        if device not in self.slots:
+            self.slots[device] = torch.zeros(2, dtype=torch.float32, device=device)
+            self.latest[device] = 0
+        return self.slots[device]
 
-    def flush(self) -> None:
-        """Copy ``versions`` into the splits' marks (before anything reads them one by
-        one, and before the bucket is dropped: the splits outlive it)."""
-        if self.stale:
-            for s, v in zip(self.splits, self.versions):
-                s.version = v
-            self.stale = False
+    def add_(self, device: torch.device, value: Tensor) -> None:
+        self.buffer(device)[self.latest[device]] += value
 
+    def for_step(self, device: torch.device, single: bool, first_on_device: bool) -> tuple:
+        """``(accum, clear)`` for one call of the step on ``device``."""
+        buf, latest = self.buffer(device), self.latest[device]
+        if single:
+            if first_on_device:
+                buf[latest].zero_()
+            return buf[latest], None
+        return buf[1 - latest], (buf[latest] if first_on_device else None)
 
-@dataclass(eq=False)
-class _GroupPlan:
-    """What a group's step needs besides gradients and state values, kept while nothing
-    moves: its hyperparameters checked, tensors classified and bucketed, backends chosen."""
+    def flip(self, devices: Iterable[torch.device]) -> None:
+        for d in devices:
+            self.latest[d] = 1 - self.latest[d]
 
-    params: list
-    n: int
-    hkey: tuple    # _hparam_key when last checked
-    skey: tuple    # _structure_key the plan was built for
-    dense: list    # (p, state) of the tensors SGD updates
-    buckets: list
+    def total(self) -> Tensor:
+        if not self.slots:
+            return torch.zeros((), dtype=torch.float32)
+        norms = [buf[self.latest[d]].clone() for d, buf in self.slots.items()]
+        total = norms[0]
+        for n in norms[1:]:
+            total = total + n.to(total.device, non_blocking=True)
+        return total
 
-    def __post_init__(self) -> None:
-        self.dense_params = [p for p, _ in self.dense]
-        self.dense_states = [s for _, s in self.dense]
-        self._dense_guard: Optional[LayoutGuard] = None
-        self._dense_one_group = False
-
-    def dense_one_group(self) -> bool:
-        """Whether the unsplit tensors share one device and one dtype, as torch's
-        multi-tensor SGD groups them (a ``.data`` swap may change either at any time:
-        a guard over their layouts, 5 µs for ResNet-50's 107, says whether to look
-        again)."""
-        params = self.dense_params
-        if self._dense_guard is None or not self._dense_guard.check(params):
-            self._dense_guard = LayoutGuard(params)
-            self._dense_one_group = len({(p.device, p.dtype) for p in params}) == 1
-        return self._dense_one_group
-
-    def flush(self) -> None:
-        for bucket in self.buckets:
-            bucket.flush()
+    def zero_(self) -> None:
+        for d, buf in self.slots.items():
+            buf.zero_()
+            self.latest[d] = 0
 
 
 class PILoT(Optimizer):
@@ -265,17 +229,18 @@ class PILoT(Optimizer):
     decaying α_t moves the implicit bias from L2 (dense) to L1 (sparse) (paper §2).
     With ``β = 0`` and a constant α this is spred.
 
-    **Init** (paper §3): a tensor's value ``x`` is split into ``m > 0`` and ``w`` with
+    **Split** (paper §3): a tensor's value ``x`` is split into ``m > 0`` and ``w`` with
     ``m ⊙ w = x`` and ``m² − w² = β``:
-    :math:`m = \sqrt{(β + \sqrt{β² + 4x²})/2}`, ``w = x / m``.  ``β > 0`` keeps ``m``
-    away from zero so ``x`` can change sign; ``β = 0`` is spred's balanced split, under
-    which it cannot.  The parameter itself is not written: ``m ⊙ w`` rounds back to it
-    within an fp32 ulp (exactly for bf16/fp16), and the first step writes ``m ⊙ w``.
+    :math:`m = \sqrt{(β + \sqrt{β² + 4x²})/2}`, ``w = x / m``, with ``m`` then nudged by
+    up to two fp32 ulps so that ``m ⊙ w`` is exactly ``x`` wherever fp32 allows
+    (:func:`pilot_kernels.init.split`).  ``β > 0`` keeps ``m`` away from zero so ``x``
+    can change sign; ``β = 0`` is spred's balanced split, under which it cannot.
 
     **Step**, elementwise in fp32, for a reparameterized tensor:
 
     .. math::
         \begin{aligned}
+        (m, w) &\leftarrow \text{split}(x, β) \text{ where } x \ne m w && \text{(written since the last step)} \\
         g &\leftarrow \nabla_x f \,/\, \text{grad\_scale}, \qquad g \leftarrow -g \text{ if maximize} \\
         g &\leftarrow g + λ\, m w                                  && \text{(weight\_decay: L2 on } x) \\
         d_m &= g\, w + 2α\, m, \qquad d_w = g\, m + 2α\, w         && \text{(old } m, w) \\
@@ -286,45 +251,43 @@ class PILoT(Optimizer):
         \end{aligned}
 
     Tensors that are not reparameterized (by default those with ``ndim < 2``: biases,
-    norms) follow :class:`torch.optim.SGD` bit for bit, with its ``momentum_buffer``
+    norms) follow :class:`torch.optim.SGD` bit for bit with its ``momentum_buffer``
     state key: its multi-tensor (``foreach=True``) path, or under AMP or ``capturable``
-    ``SGD(fused=True)``'s kernel.  (In bfloat16 on the CPU, torch 2.14's foreach and
-    per-tensor SGD paths round differently; PILoT matches the foreach one.)
+    ``SGD(fused=True)``'s kernel.  ``.grad`` is never written.
 
     Decisions where the paper is silent:
 
     * **Momentum** is SGD's (heavy ball, dampening τ, Nesterov) applied to ``m`` and
       ``w`` separately; weight decay λ is plain L2 on ``x = m ⊙ w``.
-    * **The parameters are the truth.**  Anything written into a reparameterized
-      parameter outside :meth:`step` (``load_state_dict``, ``copy_``, ``.data =``,
-      ``nn.init``, pruning, a DDP broadcast, ``model.half()``) is kept: each step first
-      compares each tensor's version counter and address with those recorded after the
-      optimizer's own last write (no device work).  On a change, a tensor whose
-      factors still stand for its value (in every entry ``m ⊙ w`` rounds to it, or
-      ``m, w`` is exactly its split) keeps its factors and momentum: a resume that
-      loads model and optimizer in any order stays exact.  Any other is split again
-      from its new value with the group's β and starts its momentum afresh, as a
-      tensor added now would (its old velocity belongs to factors that no longer
-      exist).  That comparison is one device reduction and host sync per changed
-      tensor, and happens only when something was written.  A write that moves a
-      tensor to float64 raises.
+    * **The parameters are the truth.**  Whatever is written into a reparameterized
+      parameter between steps (``load_state_dict``, ``copy_``, ``.data`` writes,
+      ``nn.init``, pruning masks, a DDP broadcast, EMA updates) is kept: the fused pass
+      reads ``x`` and compares it bit for bit with the ``m ⊙ w`` the last step wrote.
+      Each element that differs is split again from its new value with the group's β
+      and takes this step as its momentum's first (its old velocity belongs to factors
+      that no longer exist); every other element keeps its factors and momentum.  No
+      host sync, no version counters: writes through ``.data`` and inside CUDA graphs
+      are seen too.  ``adopt_writes=False`` skips the read of ``x`` (4 of 44 bytes per
+      fp32 element); writes between steps are then overwritten with ``m ⊙ w``.
+      A write that moves a tensor to float64 raises.
     * :meth:`load_state_dict` loads ``m``, ``w`` and momenta and never writes the
-      model; the rule above reconciles the two at the next step.
-    * AMP: a step that ``found_inf`` skips leaves every buffer as it was; a tensor's
+      model; the rule above reconciles the two at the next step, so a resume that loads
+      model and optimizer in either order is exact.
+    * AMP: a step that ``found_inf`` skips changes nothing (``x`` included); a tensor's
       momentum counts as started afterwards, because telling which step was skipped
       would need a sync.  Buffers are allocated as zeros, so the next step computes
       ``b = μ·0 + (1−τ) d``, SGD's ``b = d`` whenever τ = 0.
 
     Args:
         params: parameters, named parameters or param groups, as for any optimizer.
-        lr (float or Tensor): learning rate η.
+        lr (float or Tensor): learning rate η (default 1e-3, as SGD's).
         momentum (float): μ (default 0.9).
         dampening (float): τ (default 0).
         nesterov (bool): Nesterov momentum (default False).
         alpha (float or Tensor): the decay α on ``‖m‖² + ‖w‖²`` (default 0).  May change
             between any two steps (schedules in :mod:`pilot_kernels.schedules` do this).
-        beta (float): the split ``m² − w² = β`` used when a tensor is (re-)split
-            (default 1, the paper's PILoT; 0 gives spred).
+        beta (float): the split ``m² − w² = β`` used when a tensor or an element is
+            (re-)split (default 1, the paper's PILoT; 0 gives spred).
         weight_decay (float): λ; plain L2 on ``x`` (on ``m ⊙ w`` for reparameterized
             tensors, on ``x`` for the others, as SGD).
         maximize (bool): maximize instead of minimize.
@@ -332,19 +295,18 @@ class PILoT(Optimizer):
             when a tensor is added; ``"auto"`` takes those with ``ndim >= 2``.
         backend ("auto" | "reference" | "triton" | "cuda" | "cpu"): ``auto`` takes the
             fused Triton kernel for CUDA tensors and the fused C++ one for CPU tensors;
-            the environment variable ``PILOT_BACKEND`` overrides ``auto``.  Resolved
-            when a group's step plan is built, not at every step.
+            the environment variable ``PILOT_BACKEND`` overrides ``auto``.
         capturable (bool): keep ``lr`` and ``alpha`` in device tensors and make
             ``step()`` free of host syncs, so a whole training step can be captured in
             a CUDA graph.  Change them in place between replays
-            (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).  A
-            replayed graph runs no host code, so writes to parameters between replays
-            are not seen: after one, step once outside the graph and capture again.
+            (``group["lr"].fill_(0.01)``; torch's lr schedulers and ours do this).
         fused_unscale (bool): let ``torch.amp.GradScaler`` pass its scale and inf flag
             to :meth:`step`, to unscale inside the step without a host sync (default
             True); False leaves unscaling to the scaler (see AMP below).  Sets the
             instance's ``_step_supports_amp_scaling``, the attribute torch's GradScaler
             and PyTorch Lightning read.
+        adopt_writes (bool): keep values written into reparameterized parameters
+            between steps (default True; see above).
 
     Hyperparameters are checked when set: here, in :meth:`add_param_group` and
     :meth:`load_state_dict`, and at a step whenever a group's value changed since the
@@ -354,9 +316,10 @@ class PILoT(Optimizer):
     ``state[p]["m"]``, ``state[p]["w"]`` and, when the group has momentum,
     ``state[p]["momentum_m"]``, ``state[p]["momentum_w"]``; all fp32 and shaped like
     ``p`` (DTensors like ``p`` under FSDP2).  Other tensors hold SGD's
-    ``momentum_buffer``.  Buffers are allocated (as zeros) when a tensor is added, so a
-    checkpoint template is complete before the first step;
-    ``state[p]["momentum_started"]`` records whether they hold history yet.
+    ``momentum_buffer`` when the group has momentum, and no state otherwise.  Buffers
+    are allocated (as zeros) when a tensor is added, so a checkpoint template is
+    complete before the first step; ``state[p]["momentum_started"]`` records whether
+    they hold history yet.
 
     Distributed: under DDP nothing changes (building DDP after the optimizer is fine:
     its broadcast is a write, see above).  Under FSDP2 (DTensor parameters) every rank
@@ -394,7 +357,7 @@ class PILoT(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Union[float, Tensor],
+        lr: Union[float, Tensor] = 1e-3,
         momentum: float = 0.9,
         dampening: float = 0.0,
         nesterov: bool = False,
@@ -406,26 +369,23 @@ class PILoT(Optimizer):
         backend: str = "auto",
         capturable: bool = False,
         fused_unscale: bool = True,
+        adopt_writes: bool = True,
     ) -> None:
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors "
+                f"or dicts, but got {torch.typename(params)}; pass [tensor] or model.parameters()"
+            )
         if not isinstance(fused_unscale, bool):
             raise TypeError(f"fused_unscale must be True or False, got {fused_unscale!r}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            alpha=alpha,
-            beta=beta,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            reparam=reparam,
-            backend=backend,
-            capturable=capturable,
-        )
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        alpha=alpha, beta=beta, weight_decay=weight_decay, maximize=maximize,
+                        reparam=reparam, backend=backend, capturable=capturable,
+                        adopt_writes=adopt_writes)
         _check_hparams(defaults)
         # Check every group before the first is added (and its tensors are split), so
         # bad input anywhere changes nothing.
-        params = [params] if isinstance(params, Tensor) else list(params)
+        params = list(params)
         if params and isinstance(params[0], dict):
             for g in params:
                 if not isinstance(g, dict):
@@ -435,44 +395,30 @@ class PILoT(Optimizer):
                 self._check_new_group({**defaults, **g})
         else:
             self._check_new_group({**defaults, "params": params})
-        self._l1: dict[torch.device, Tensor] = {}
-        self._l1_latest: dict[torch.device, int] = {}
+        self._l1 = _L1Slots()
         self._derive_private()
         # Per instance, not per class: GradScaler and Lightning read it from the object.
         self._step_supports_amp_scaling = fused_unscale
         super().__init__(params, defaults)
 
     def _derive_private(self) -> None:
-        """The private attributes that follow from param_groups and state.
-
-        ``_l1``/``_l1_latest``: ``Σ|m ⊙ w|`` lives in two device slots per device; each
-        step adds into one and zeroes the other, so the fused kernel needs no extra
-        launch to clear it (capturable groups zero and fill one slot: a replayed graph
-        cannot flip a host-side index).  They are kept, not derived.
-        """
-        # Step plans per group index (see _plan), dropped whenever what they hold may move,
-        # and the state dict they were built from (load_state_dict replaces it).
-        self._plans: dict[int, _GroupPlan] = {}
-        self._plans_state: Any = None
-        # Views of each device's two L1 slots (_l1_slot_views).
-        self._l1_views: dict[torch.device, tuple] = {}
-        # Per split tensor (by id; the entry holds the tensor, so the id stays unique) the
-        # mark of the optimizer's last write.  A tensor without one is compared with
-        # m ⊙ w at its next step.
-        self._splits: dict[int, _Split] = {}
+        """The private attributes that follow from param_groups and state."""
+        # Per group index: the hyperparameter key last checked, the group's tensors split
+        # into (plain, reparameterized) and the lists it was computed from (see _roles).
+        self._checked: dict[int, tuple] = {}
+        self._role_cache: dict[int, tuple] = {}
+        # Per (group index, device, dtype): the backend's workspace, kept between steps.
+        self._workspaces: dict[tuple, dict] = {}
         params = [p for g in getattr(self, "param_groups", []) for p in g["params"]]
-        # Whether any parameter is a DTensor: steps then work on local shards.  Asked
-        # when tensors are added, not per tensor per step.
+        # Whether any parameter is a DTensor: steps then work on local shards.
         self._sharded = any(isinstance(p, DTensor) for p in params)
         # Shard dims to all-reduce the local L1 over, when parameters are DTensors.
         self._l1_groups: list = shard_groups(params) if self._sharded else []
 
     # ------------------------------------------------------------------ pickling
     # torch.optim.Optimizer pickles only defaults, state and param_groups; ours adds the
-    # AMP choice and the L1 slots, and re-derives the rest (process groups and kernel
-    # plans cannot, or must not, travel).  Write marks are not kept: the first step of
-    # a copy compares its parameters with m ⊙ w once.
-    _PICKLED = ("_step_supports_amp_scaling", "_l1", "_l1_latest")
+    # AMP choice and the L1 slots, and re-derives the rest (process groups cannot travel).
+    _PICKLED = ("_step_supports_amp_scaling", "_l1")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -482,15 +428,16 @@ class PILoT(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
-        self.__dict__.setdefault("_l1", {})
-        self.__dict__.setdefault("_l1_latest", {d: 0 for d in self._l1})
+        self.__dict__.setdefault("_l1", _L1Slots())
+        for group in self.param_groups:
+            group.setdefault("adopt_writes", True)
         self._derive_private()
 
     # ------------------------------------------------------------------ groups
     def _check_new_group(self, group: dict) -> None:
         _check_hparams(group)
         for p in _group_tensors(group):
-            _check_param(p, isinstance(p, Tensor) and _wants_reparam(p, group["reparam"]))
+            _check_param(p, isinstance(p, Tensor) and _wants_split(p, group["reparam"]))
 
     @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -504,7 +451,7 @@ class PILoT(Optimizer):
         self._check_new_group(merged)
         # Split before the group is added, so a failure leaves the optimizer as it was.
         factors = {id(p): split(p, merged["beta"]) for p in _group_tensors(param_group)
-                   if _wants_reparam(p, merged["reparam"])}
+                   if _wants_split(p, merged["reparam"])}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["capturable"]:
@@ -513,28 +460,12 @@ class PILoT(Optimizer):
             self._sharded = True
             self._l1_groups = shard_groups(group["params"])
         for p in group["params"]:
-            state = self.state[p]
             if id(p) in factors:
-                self._set_factors(p, state, *factors[id(p)])
-                self._add_to_l1(p, state)
+                state = self.state[p]
+                state["m"], state["w"] = factors[id(p)]
+                self._l1.add_(_local(p).device, (_local(state["m"]) * _local(state["w"])).abs().sum())
             if group["momentum"] != 0:
-                self._init_momentum(p, state)
-        self._drop_plans()
-
-    def _set_factors(self, p: Tensor, state: dict, m: Tensor, w: Tensor) -> None:
-        """Make ``m, w = split(p)`` the tensor's factors and take ``p`` as it is now.
-
-        ``p`` is not written: ``m ⊙ w`` rounds back to it within an fp32 ulp, and the
-        next step writes ``m ⊙ w``.  Leaving it keeps every rank's split of the same
-        value identical (DDP broadcasts after the optimizer is built), and keeps a
-        model loaded before the optimizer was built equal to the checkpoint's ``m ⊙ w``.
-        """
-        state["m"], state["w"] = m, w
-        x = _local(p)
-        s = self._splits.get(id(p))
-        if s is None:
-            s = self._splits[id(p)] = _Split(p, state)
-        s.state, s.version, s.ptr = state, x._version, x.data_ptr()
+                self._init_momentum(p, self.state[p])
 
     def _hparams_to_device(self, group: dict) -> None:
         """Capturable groups keep lr and alpha as fp32 device tensors (updated in place)."""
@@ -553,27 +484,6 @@ class PILoT(Optimizer):
             state[_SGD_MOMENTUM_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state[_STARTED] = False
 
-    def _l1_slot_views(self, device: torch.device) -> tuple:
-        """The two L1 slots of ``device`` as views, made once (indexing a tensor costs
-        ~1.6 µs on the host, twice per bucket per step)."""
-        buf = self._l1[device]
-        views = self._l1_views.get(device)
-        if views is None or views[2] is not buf:
-            views = self._l1_views[device] = (buf[0], buf[1], buf)
-        return views
-
-    def _l1_slots(self, device: torch.device) -> Tensor:
-        if device not in self._l1:
-            self._l1[device] = torch.zeros(2, dtype=torch.float32, device=device)
-            self._l1_latest[device] = 0
-        return self._l1[device]
-
-    def _add_to_l1(self, p: Tensor, state: dict) -> None:
-        """Add ``Σ|m ⊙ w|`` of one tensor's local shard to its device's latest L1 slot."""
-        device = _local(p).device
-        slots = self._l1_slots(device)
-        slots[self._l1_latest[device]] += (_local(state["m"]) * _local(state["w"])).abs().sum()
-
     @staticmethod
     def is_reparameterized(state: dict) -> bool:
         """Whether a tensor's state holds PILoT factors ``m, w``."""
@@ -590,34 +500,18 @@ class PILoT(Optimizer):
         local sums are all-reduced over the shards, so every rank gets the same value:
         call it on every rank.
         """
-        if not self._l1:
-            return torch.zeros((), dtype=torch.float32)
-        norms = [buf[self._l1_latest[d]].clone() for d, buf in self._l1.items()]
-        total = norms[0]
-        for n in norms[1:]:
-            total = total + n.to(total.device, non_blocking=True)
-        return all_reduce_over_shards_(total, self._l1_groups)
+        return all_reduce_over_shards_(self._l1.total(), self._l1_groups)
 
     @torch.no_grad()
     def refresh_l1_(self) -> None:
         """Recompute :meth:`l1_norm` from the current ``m, w``; call it after editing the
         factors outside a step (pruning and loading do)."""
-        for device, buf in self._l1.items():
-            buf.zero_()
-            self._l1_latest[device] = 0
+        self._l1.zero_()
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
+                state = self.state.get(p, {})
                 if self.is_reparameterized(state):
-                    self._add_to_l1(p, state)
-
-    def _drop_plans(self, gi: Optional[int] = None) -> None:
-        """Drop group ``gi``'s plan (every plan when None); the write marks its buckets
-        hold go back to the splits, which outlive it."""
-        for i in [gi] if gi is not None else list(self._plans):
-            plan = self._plans.pop(i, None)
-            if plan is not None:
-                plan.flush()
+                    self._l1.add_(_local(p).device, (_local(state["m"]) * _local(state["w"])).abs().sum())
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -636,345 +530,178 @@ class PILoT(Optimizer):
 
         # Gather every group first: every check runs before any tensor changes.
         gathered = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
-        written = [(gi, s) for gi, g in enumerate(gathered) for s in g[2]]
-        if written:  # parameters were written since our last step (rare; see _adopt_writes)
-            self._adopt_writes(written)
-            gathered = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
-
-        # Capturable optimizers zero one L1 slot per device and fill it (_derive_private).
         single_slot = any(g["capturable"] for g in self.param_groups)
-        stepped: set[torch.device] = set()
-        for group, (dense, buckets, _) in zip(self.param_groups, gathered):
+        stepped: set = set()
+        for gi, (group, (dense, buckets)) in enumerate(zip(self.param_groups, gathered)):
             if dense[0]:
                 self._sgd_step(group, *dense, grad_scale, found_inf)
-            for bucket, splits, args in buckets:
-                slots, latest = self._l1_slot_views(bucket.device), self._l1_latest[bucket.device]
-                if single_slot:
-                    accum, clear = slots[latest], None
-                    if bucket.device not in stepped:
-                        accum.zero_()
-                else:
-                    accum, clear = slots[1 - latest], slots[latest]
+            for (device, dtype), (ps, lists) in buckets.items():
+                accum, clear = self._l1.for_step(device, single_slot, device not in stepped)
+                stepped.add(device)
                 pilot(
-                    *args,
+                    *lists,
                     **_sgd_hparams(group),
                     alpha=group["alpha"],
-                    backend=bucket.backend,
+                    beta=group["beta"],
+                    adopt_writes=group["adopt_writes"],
+                    backend=group["backend"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                     l1_accum=accum,
                     l1_clear=clear,
-                    workspace=bucket.workspace,
+                    workspace=self._workspaces.setdefault((gi, device, dtype), {}),
                 )
-                stepped.add(bucket.device)
-                self._mark_written(bucket, splits, args[0], args[6], group["momentum"] != 0)
+                if group["momentum"] != 0:
+                    self._mark_started(ps, lists[6])
         if not single_slot:
-            for device in stepped:
-                self._l1_latest[device] = 1 - self._l1_latest[device]
+            self._l1.flip(stepped)
         return loss
 
-    def _plan(self, gi: int, group: dict) -> _GroupPlan:
-        """The group's plan, rebuilt only when its tensor list, its structure (momentum
-        on/off, reparam, backend, capturable) or the state dict changed.  A changed
-        hyperparameter value is checked once (a schedule writing NaN raises here)."""
-        plan = self._plans.get(gi)
-        hkey = _hparam_key(group)
-        if plan is not None and plan.hkey != hkey:
-            changed = [n for n, a, b in zip(_HPARAM_KEYS, plan.hkey, hkey) if a != b]
-            _check_hparams(group, tensor_values=False, names=changed)
-            if group["capturable"]:
-                self._hparams_to_device(group)
-                hkey = _hparam_key(group)
-            if plan.skey == _structure_key(group):
-                plan.hkey = hkey
-        if (plan is not None and plan.params is group["params"] and plan.n == len(plan.params)
-                and plan.hkey == hkey and self._plans_state is self.state):
-            return plan
-        if plan is None:
-            _check_hparams(group, tensor_values=False)
-            if group["capturable"]:
-                self._hparams_to_device(group)
-        if self._plans_state is not self.state:
-            self._drop_plans()
-            self._plans_state = self.state
-        elif plan is not None:
-            plan.flush()
-        plan = self._build_plan(group)
+    def _check_group(self, gi: int, group: dict) -> None:
+        """Check the hyperparameters that changed since the group's last step (a schedule
+        writing NaN raises here, before anything moves), without reading device values."""
+        key = _hparam_key(group)
+        last = self._checked.get(gi)
+        if last == key:
+            return
+        names = _HPARAM_KEYS if last is None else [n for n, a, b in zip(_HPARAM_KEYS, last, key) if a != b]
+        _check_hparams(group, tensor_values=False, names=names)
+        if group["capturable"]:
+            self._hparams_to_device(group)
+            key = _hparam_key(group)
+        if group["momentum"] != 0:  # momentum may have been switched on since
+            for p in group["params"]:
+                if _STARTED not in self.state[p]:
+                    self._init_momentum(p, self.state[p])
         if not torch.compiler.is_compiling():
-            self._plans[gi] = plan
-        return plan
+            self._checked[gi] = key
 
-    def _build_plan(self, group: dict) -> _GroupPlan:
-        compiling = torch.compiler.is_compiling()
-        momentum = group["momentum"] != 0
-        dense, buckets = [], {}
-        for p in group["params"]:
-            state = self.state[p]
-            if momentum and _STARTED not in state:  # momentum switched on later
-                self._init_momentum(p, state)
-            if not self.is_reparameterized(state):
-                dense.append((p, state))
-                continue
-            x = _local(p)
-            bucket = buckets.get((x.device, x.dtype))
-            if bucket is None:
-                backend = group["backend"]
-                if not compiling:  # resolved here, once per plan, not per step
-                    backend = resolve_backend(backend, x.device)
-                    self._l1_slots(x.device)
-                bucket = buckets[(x.device, x.dtype)] = _Bucket(x.device, x.dtype, backend)
-            s = None if compiling else self._splits.get(id(p))
-            if s is None:
-                s = _Split(p, state)
-                if not compiling:
-                    self._splits[id(p)] = s
-            s.state = state
-            bucket.splits.append(s)
-        if not compiling:
-            for bucket in buckets.values():
-                bucket.seal()
-        return _GroupPlan(group["params"], len(group["params"]), _hparam_key(group),
-                          _structure_key(group), dense, list(buckets.values()))
+    def _roles(self, gi: int, group: dict) -> tuple[list, list]:
+        """The group's tensors as ``(plain, reparameterized)``, recomputed only when its
+        tensor list or the state dict changed (a per-tensor state lookup per step costs
+        more than the rest of the gather)."""
+        params, state = group["params"], self.state
+        cached = self._role_cache.get(gi)
+        if cached is not None and cached[0] is params and cached[1] == len(params) and cached[2] is state:
+            return cached[3], cached[4]
+        dense = [p for p in params if not self.is_reparameterized(state.get(p, {}))]
+        splits = [p for p in params if self.is_reparameterized(state.get(p, {}))]
+        if not torch.compiler.is_compiling():
+            self._role_cache[gi] = (params, len(params), state, dense, splits)
+        return dense, splits
 
     def _gather(self, gi: int, group: dict) -> tuple:
         """Gather the tensors of ``group`` that have a gradient, changing nothing.
 
-        Returns SGD's lists for the plain tensors, ``(bucket, splits, pilot() args)`` per
-        bucket of split tensors, and the split tensors written since the optimizer's own
-        last write (their version counter or address moved; not asked under
-        ``torch.compile``), which are left out of the buckets.
+        Returns SGD's lists ``(params, grads, momentum buffers, firsts)`` for the plain
+        tensors and, per ``(device, dtype)`` of ``x``, :func:`pilot`'s seven lists for
+        the reparameterized ones.
         """
-        compiling = torch.compiler.is_compiling()
-        plan = self._plan(gi, group)
+        self._check_group(gi, group)
         momentum = group["momentum"] != 0
-        if not compiling and not self._sharded:
-            gathered = self._gather_unmoved(plan, momentum)
-            if gathered is not None:
-                return gathered
-        params, grads, bufs, firsts = [], [], [], []
-        for p, state in plan.dense:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise _sparse_error(p)
-            params.append(p)
-            grads.append(g)
-            if momentum:
-                bufs.append(state[_SGD_MOMENTUM_KEY])
-                firsts.append(not state[_STARTED])
-        one_group = bool(params) and not compiling and not self._sharded and plan.dense_one_group()
-        sharded = self._sharded
-        written, buckets = [], []
-        for bucket in plan.buckets:
-            bucket.flush()  # the marks are read one by one below
-            splits, xs, gs, ms, ws, bms, bws, fs = [], [], [], [], [], [], [], []
-            for s in bucket.splits:
-                p = s.p
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise _sparse_error(p)
-                x = _local(p) if sharded else p
-                # The write check: with the version re-read in _mark_written, 31 µs per
-                # step for ResNet-50's 54 split tensors on a shared 2-core CPU under load
-                # (timeit, no kernel); torch.optim.SGD(fused=True)'s whole step costs
-                # ~160 µs there.  A .data swap to a view of the same memory at the same
-                # address (p.data = p.data.t()) moves neither and goes unseen.
-                if not compiling and (x._version != s.version or x.data_ptr() != s.ptr):
-                    written.append(s)
-                    continue
-                state = s.state
-                splits.append(s)
-                xs.append(x)
-                gs.append(_local(g) if sharded else g)
-                ms.append(_local(state["m"]) if sharded else state["m"])
-                ws.append(_local(state["w"]) if sharded else state["w"])
-                if momentum:
-                    bms.append(_local(state["momentum_m"]) if sharded else state["momentum_m"])
-                    bws.append(_local(state["momentum_w"]) if sharded else state["momentum_w"])
-                    fs.append(not state[_STARTED])
-                else:
-                    fs.append(True)
-            if xs:
-                buckets.append((bucket, splits, (xs, gs, ms, ws, bms or None, bws or None, fs)))
-        return (params, grads, bufs, firsts, one_group), buckets, written
+        dense, splits = self._roles(gi, group)
+        state = self.state
 
-    def _gather_unmoved(self, plan: _GroupPlan, momentum: bool) -> Optional[tuple]:
-        """``_gather``'s result when nothing it checks has moved, else None (the caller
-        then gathers tensor by tensor and finds what did).
-
-        Nothing moved: every tensor of the group has a dense gradient and every split
-        tensor still has the version counter and address of the optimizer's last write
-        to it (the same write check, on whole lists).  The plan's tuples are read with
-        ``map`` (the per-tensor loop runs in C), and the state values are read afresh:
-        the step sees a replaced buffer or a reset momentum flag as before.  For
-        ResNet-50's 161 tensors: 75 µs tensor by tensor, 51 µs so (min of 40
-        interleaved rounds of 200 calls, the shared 2-core machine under load).
-        Unsplit tensors without a gradient are left out here too; a split tensor
-        without one sends the group to the per-tensor path, which leaves it out and
-        keeps its own write mark.
-        """
-        params = plan.dense_params
-        dense: tuple = ([], [], [], [], False)
-        if params:
-            grads = list(map(_GRAD, params))
-            states = plan.dense_states
-            try:
-                if any(map(_IS_SPARSE, grads)):
-                    return None  # the per-tensor path raises the error
-            except AttributeError:  # a gradient is None: leave its tensor out
-                has = list(map(operator.is_not, grads, repeat(None)))
-                params = list(compress(params, has))
-                grads = list(compress(grads, has))
-                states = list(compress(states, has))
-                if any(map(_IS_SPARSE, grads)):
-                    return None
-            if momentum:
-                try:
-                    cols = list(zip(*map(_SGD_STATE, states)))
-                except KeyError:
-                    return None
-                if cols:
-                    firsts = [False] * len(params) if all(cols[1]) else list(map(operator.not_, cols[1]))
-                    dense = (params, grads, list(cols[0]), firsts, plan.dense_one_group())
-            else:
-                dense = (params, grads, [], [], plan.dense_one_group())
-        buckets = []
-        for bucket in plan.buckets:
-            ps = bucket.params
-            if bucket.versions is None:  # the last step left some tensor out
-                return None
-            grads = list(map(_GRAD, ps))
-            try:
-                if any(map(_IS_SPARSE, grads)):
-                    return None
-            except AttributeError:
-                return None
-            if list(map(_VERSION, ps)) != bucket.versions or list(map(_DATA_PTR, ps)) != bucket.ptrs:
-                return None  # written since our last step
-            try:
-                cols = list(zip(*map(_SPLIT_STATE if momentum else _SPLIT_STATE_NO_MOMENTUM, bucket.states)))
-            except KeyError:
-                return None
-            if momentum:
-                firsts = [False] * len(ps) if all(cols[4]) else list(map(operator.not_, cols[4]))
-                args = (ps, grads, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), firsts)
-            else:
-                args = (ps, grads, list(cols[0]), list(cols[1]), None, None, [True] * len(ps))
-            buckets.append((bucket, bucket.splits, args))
-        return dense, buckets, []
-
-    def _mark_written(self, bucket: _Bucket, splits: list, xs: Any, firsts: list, momentum: bool) -> None:
-        """After a bucket's step: its momentum has started, and the versions after the
-        write are the new marks (a backend may or may not bump them)."""
-        if momentum and any(firsts):
-            for s, first in zip(splits, firsts):
-                if first:
-                    s.state[_STARTED] = True
-        if torch.compiler.is_compiling():
-            return
-        versions = list(map(_VERSION, xs))
-        if len(splits) == len(bucket.splits):  # every tensor stepped: one list
-            bucket.versions, bucket.stale = versions, True
+        params, grads = _with_grads(dense)
+        if momentum and params:
+            bufs, started = zip(*map(_SGD_MOMENTUM, map(state.__getitem__, params)))
+            plain = (params, grads, list(bufs), list(map(operator.not_, started)))
         else:
-            for s, v in zip(splits, versions):
-                s.version = v
-            bucket.versions, bucket.stale = None, False
+            plain = (params, grads, [], [])
 
-    # ------------------------------------------------------------------ writes
-    @torch.no_grad()
-    def _adopt_writes(self, written: list) -> None:
-        """Take over the values written into split tensors since our last write.
+        buckets: dict[tuple, list] = {}
+        ps, gs = _with_grads(splits)
+        if not ps:
+            return plain, buckets
+        xs = list(map(_local, ps)) if self._sharded else ps
+        if self._sharded:
+            gs = list(map(_local, gs))
+        cols = zip(*map(_FACTORS_AND_MOMENTA if momentum else _FACTORS, map(state.__getitem__, ps)))
+        if momentum:
+            ms, ws, bms, bws, started = map(list, cols)
+            firsts = list(map(operator.not_, started))
+        else:
+            ms, ws = map(list, cols)
+            bms = bws = None
+            firsts = [True] * len(ps)
+        if self._sharded:
+            ms, ws = list(map(_local, ms)), list(map(_local, ws))
+            if momentum:
+                bms, bws = list(map(_local, bms)), list(map(_local, bws))
+        if list(map(_SHAPE, xs)) != list(map(_SHAPE, ms)) or list(map(_DEVICE, xs)) != list(map(_DEVICE, ms)):
+            self._follow_moves(group, ps)  # rare: a .data swap to another shape or device
+            return self._gather(gi, group)
+        keys = {(x.device, x.dtype) for x in xs}
+        for _, dtype in keys:
+            if dtype not in _REPARAM_DTYPES:
+                raise _dtype_error(next(x for x in xs if x.dtype == dtype))
+        lists = [xs, gs, ms, ws, bms, bws, firsts]
+        if len(keys) == 1:
+            return plain, {keys.pop(): (ps, lists)}
+        for i, x in enumerate(xs):
+            b_ps, b_lists = buckets.setdefault((x.device, x.dtype), ([], [None if col is None else [] for col in lists]))
+            b_ps.append(ps[i])
+            for col, b_col in zip(lists, b_lists):
+                if col is not None:
+                    b_col.append(col[i])
+        return plain, buckets
 
-        A tensor that still holds ``m ⊙ w`` exactly keeps its factors and momentum (it
-        follows a device move); any other is split again from its value with the group's
-        β and starts its momentum afresh.  One device comparison (a host sync) per
-        tensor that was written; every check runs before any change.
-        """
-        for _, s in written:
-            x = _local(s.p)
+    def _follow_moves(self, group: dict, ps: list) -> None:
+        """Reconcile the state of tensors whose ``.data`` moved to another device (the
+        state follows) or shape (split again from the new value, momentum restarted)."""
+        for p in ps:
+            x, state = _local(p), self.state[p]
             if x.dtype not in _REPARAM_DTYPES:
-                raise TypeError(
-                    f"a reparameterized parameter of shape {tuple(x.shape)} is now {x.dtype} "
-                    "(model.double()?); PILoT splits float32, bfloat16 or float16 tensors: "
-                    "convert the model back (e.g. model.float()), or build the optimizer "
-                    "with reparam=False for it"
-                )
-            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "a parameter was written since PILoT's last step and cannot be adopted "
-                    "while a CUDA graph is being captured; run one step outside the graph "
-                    "after writing parameters, then capture"
-                )
-        for gi, s in written:
-            group, p, state = self.param_groups[gi], s.p, s.state
-            x = _local(p)
-            if _represents(p, state["m"], state["w"], group["beta"]):
-                if _local(state["m"]).device != x.device:  # a device move: the state follows
-                    for k in _FACTOR_KEYS + _MOMENTUM_KEYS:
-                        if k in state:
-                            state[k] = state[k].to(x.device)
-                s.version, s.ptr = x._version, x.data_ptr()
-            else:
-                self._set_factors(p, state, *split(p, group["beta"]))
+                raise _dtype_error(x)
+            if x.shape != _local(state["m"]).shape:
+                state["m"], state["w"] = split(p, group["beta"])
                 if group["momentum"] != 0:
                     self._init_momentum(p, state)
-            # The plan (and with it the fused backends' launch plans, which hold the old
-            # factors' addresses) is rebuilt.
-            self._drop_plans(gi)
+            elif x.device != _local(state["m"]).device:
+                for k in _FACTOR_KEYS + _MOMENTUM_KEYS:
+                    if k in state:
+                        state[k] = state[k].to(x.device)
+        self._workspaces.clear()
 
-    def _sgd_step(self, group, params, grads, bufs, firsts, one_group, grad_scale, found_inf) -> None:
+    def _mark_started(self, params: list, firsts: list) -> None:
+        """After a step, every tensor's momentum holds history."""
+        if any(firsts):
+            for p, first in zip(params, firsts):
+                if first:
+                    self.state[p][_STARTED] = True
+
+    def _sgd_step(self, group, params, grads, bufs, firsts, grad_scale, found_inf) -> None:
         """torch.optim.SGD's own step for the tensors that are not split.
 
-        ``bufs`` are the zero-allocated momentum buffers (empty without momentum),
-        ``firsts`` whether each holds no history yet, ``one_group`` whether ``params``
-        share one device and dtype.  Without AMP and capturable mode this is
-        ``torch.optim.sgd.sgd`` itself, bit for bit: a first step passes ``None`` and SGD
-        returns ``b = g`` in a new buffer; a later eager step of one group makes SGD's
-        foreach calls directly (:func:`_foreach_sgd`).  With a ``found_inf`` (AMP) or device
-        hyperparameters (capturable) it is torch's fused SGD kernel, but always on our
-        own buffers: torch's fused path would allocate ``empty_like`` buffers for a
-        first step and leave them uninitialised when ``found_inf`` skips it.
+        ``bufs`` are the zero-allocated momentum buffers (empty without momentum) and
+        ``firsts`` whether each holds no history yet.  Without AMP and capturable mode
+        this is ``torch.optim.sgd.sgd(foreach=True)`` itself, bit for bit: a first step
+        passes ``None`` and SGD returns ``b = g`` in a new buffer.  With a ``found_inf``
+        (AMP) or device hyperparameters (capturable) it is torch's fused SGD kernel on our
+        own buffers (:func:`_fused_sgd_on_buffers`).
         """
         momentum = group["momentum"] != 0
         compiling = torch.compiler.is_compiling()
         if grad_scale is not None or found_inf is not None or (group["capturable"] and not compiling):
             _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf)
-        elif (one_group and not compiling and not any(firsts)
-              and not isinstance(group["lr"], Tensor)):
-            _foreach_sgd(params, grads, bufs, **_sgd_hparams(group))
         else:
-            started = not any(firsts)  # every later step: no per-tensor list to build
             if momentum:
-                sgd_bufs = list(bufs) if started else [None if first else b for b, first in zip(bufs, firsts)]
+                sgd_bufs = [None if first else b for b, first in zip(bufs, firsts)] if any(firsts) else list(bufs)
             else:
                 sgd_bufs = [None] * len(params)
-            # torch's fused SGD is opaque to Dynamo (a graph break), and Dynamo reports
-            # every group as capturable: the single-tensor loop compiles instead.
-            # Eager steps take the foreach path on every device: torch's default picks it
-            # on CUDA only, and on CPU its per-tensor Python loop cost ~0.4 µs × 3 ops per
-            # tensor (2,000 small tensors: most of a step).  Same ops in the same order,
-            # so the results are SGD's bit for bit (in bfloat16 on the CPU, torch 2.14's
-            # own foreach and per-tensor paths round differently; these are its foreach
-            # path's).
-            _sgd_functional(
-                params,
-                grads,
-                sgd_bufs,
-                foreach=not compiling,
-                fused=False if compiling else None,
-                **_sgd_hparams(group),
-            )
-            if momentum and not started:  # SGD made new buffers for first steps
+            if group["nesterov"] and not group["maximize"] and group["weight_decay"] == 0:
+                grads = [g.clone() for g in grads]  # foreach SGD adds μ·b into them in place
+            # torch's fused SGD is opaque to Dynamo (a graph break): compiled steps take the
+            # single-tensor loop.  Eager ones take foreach on every device (on the CPU
+            # torch's default is the per-tensor loop, most of a step with many tensors).
+            _sgd_functional(params, grads, sgd_bufs, foreach=not compiling,
+                            fused=False if compiling else None, **_sgd_hparams(group))
+            if momentum and any(firsts):  # SGD made new buffers for first steps
                 for p, buf, first in zip(params, sgd_bufs, firsts):
                     if first:
                         self.state[p][_SGD_MOMENTUM_KEY] = buf
-        if momentum and any(firsts):
-            for p, first in zip(params, firsts):
-                if first:
-                    self.state[p][_STARTED] = True
+        if momentum:
+            self._mark_started(params, firsts)
 
     # ------------------------------------------------------------------ state_dict
     @torch._disable_dynamo
@@ -1116,8 +843,10 @@ def pilot(
     dampening: float,
     nesterov: bool,
     alpha: Union[float, Tensor],
+    beta: float,
     weight_decay: float,
     maximize: bool,
+    adopt_writes: bool = True,
     backend: str = "auto",
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
@@ -1127,62 +856,24 @@ def pilot(
 ) -> None:
     """Functional PILoT step for reparameterized tensors on one device with one dtype.
 
-    See :class:`PILoT` for the update and
-    :func:`pilot_kernels.kernels.reference.pilot_step` for the arguments.  ``lr`` and
-    ``alpha`` may be floats or 0-dim device tensors (read on the device).  Under
-    ``torch.compile`` the step is the custom op ``torch.ops.pilot_kernels.pilot_step``,
-    which the compiler treats as one opaque, in-place call.
+    See :class:`PILoT` for the update and :mod:`pilot_kernels.kernels.api` for the
+    arguments.  ``lr`` and ``alpha`` may be floats or 0-dim device tensors (read on the
+    device).  Under ``torch.compile`` the step is the custom op
+    ``torch.ops.pilot_kernels.pilot_step``, which the compiler treats as one opaque,
+    in-place call.
     """
     if not xs:
         return
+    t = StepTensors(xs, grads, ms, ws, momentum_ms if momentum != 0 else None,
+                    momentum_ws if momentum != 0 else None, firsts)
+    h = StepHparams(lr, momentum, dampening, nesterov, alpha, beta, weight_decay, maximize, adopt_writes)
+    e = StepExtras(grad_scale, found_inf, l1_accum, l1_clear)
     if torch.compiler.is_compiling():
         from .ops import pilot_step_op
 
-        pilot_step_op(
-            xs, grads, ms, ws, momentum_ms or [], momentum_ws or [], firsts,
-            *split_scalar(lr), momentum, dampening, nesterov, *split_scalar(alpha),
-            weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear, backend,
-        )
+        pilot_step_op(t, h, e, backend)
         return
-    device = xs[0].device
-    step_fn = get_step_fn(resolve_backend(backend, device))
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device, non_blocking=True)
-    step_fn(
-        xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
-        lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, alpha=alpha,
-        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf, l1_accum=l1_accum, l1_clear=l1_clear, workspace=workspace,
-    )
-
-
-def _foreach_sgd(params: list, grads: list, bufs: list, *, lr: float, momentum: float, dampening: float,
-                 nesterov: bool, weight_decay: float, maximize: bool) -> None:
-    """``torch.optim.sgd._multi_tensor_sgd`` for tensors of one device and dtype whose
-    momentum buffers all hold history: its foreach calls, on the same lists in the same
-    order, so the same results bit for bit (``tests/test_reference.py`` compares with
-    ``torch.optim.SGD``).  What is left out is its grouping by device and dtype (one
-    group here) and its per-tensor loop over the buffers: 33 → 7 µs for ResNet-50's 107
-    unsplit tensors (kernels stubbed, min of 30 interleaved rounds, the shared 2-core
-    machine), most of what the step cost on the host beyond torch's own fused SGD.
-    """
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        if maximize:  # reuses the negated copies, as torch does
-            torch._foreach_add_(grads, params, alpha=weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if momentum != 0:
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, grads, alpha=1 - dampening)
-        if nesterov:
-            torch._foreach_add_(grads, bufs, alpha=momentum)
-        else:
-            grads = bufs
-    torch._foreach_add_(params, grads, alpha=-lr)
+    run_step(backend, t, h, e, workspace if workspace is not None else {})
 
 
 def _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_inf) -> None:

@@ -316,17 +316,6 @@ def test_bad_param_group_added_later_changes_nothing():
 
 
 # ------------------------------------------------------------------ plain tensors' SGD
-def _count_sgd_paths(monkeypatch):
-    """Record which SGD path each step's plain tensors take."""
-    import pilot_kernels.optimizer as O
-
-    calls = []
-    for name in ("_foreach_sgd", "_sgd_functional"):
-        real = getattr(O, name)
-        monkeypatch.setattr(O, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
-    return calls
-
-
 def _plain_pair(dtypes, opts, steps, swap_at=None):
     """PILoT (reparam=False) and torch.optim.SGD on the same plain tensors and gradients;
     at step ``swap_at`` the first tensor's data is swapped for a bfloat16 copy in both."""
@@ -358,25 +347,29 @@ SGD_OPTS = [dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.3,
 
 
 @pytest.mark.parametrize("opts", SGD_OPTS, ids=str)
-def test_plain_tensors_of_one_dtype_take_sgds_foreach_calls_directly(opts, monkeypatch):
-    """After the first step, plain tensors of one device and dtype get torch's foreach
-    SGD calls without its grouping; bit for bit torch.optim.SGD's results."""
-    calls = _count_sgd_paths(monkeypatch)
-    _plain_pair([torch.float32] * 3, opts, steps=4)
-    first = ["_sgd_functional"] if opts["momentum"] else ["_foreach_sgd"]
-    assert calls == first + ["_foreach_sgd"] * 3
+@pytest.mark.parametrize("dtypes,swap_at", [([torch.float32] * 3, None),
+                                            ([torch.float32, torch.bfloat16, torch.float32], None),
+                                            ([torch.float32] * 3, 3)], ids=["fp32", "mixed", "swap"])
+def test_plain_tensors_follow_torchs_sgd_bit_for_bit(opts, dtypes, swap_at):
+    """One dtype, two, or a ``.data`` swap to bfloat16 mid-run: torch.optim.SGD's results."""
+    _plain_pair(dtypes, opts, steps=5, swap_at=swap_at)
 
 
-@pytest.mark.parametrize("opts", SGD_OPTS, ids=str)
-def test_plain_tensors_of_two_dtypes_take_torchs_grouping(opts, monkeypatch):
-    """Mixed dtypes, from the start or after a ``.data`` swap to bfloat16 (which moves
-    no write mark: plain tensors have none), go through torch's own grouped SGD."""
-    calls = _count_sgd_paths(monkeypatch)
-    _plain_pair([torch.float32, torch.bfloat16, torch.float32], opts, steps=3)
-    assert calls == ["_sgd_functional"] * 3
-    calls.clear()
-    _plain_pair([torch.float32] * 3, opts, steps=5, swap_at=3)
-    assert calls[3:] == ["_sgd_functional"] * 2
+@pytest.mark.parametrize("opts", SGD_OPTS + [dict(momentum=0.9, nesterov=True, weight_decay=1e-2)], ids=str)
+@pytest.mark.parametrize("reparam", [False, "auto"])
+def test_step_never_writes_grad(opts, reparam):
+    """torch's foreach SGD adds μ·b into the gradients under Nesterov; PILoT's step
+    leaves every ``.grad`` as backward wrote it, on every step."""
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = PILoT(params, lr=0.05, reparam=reparam, **opts)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g)
 
 
 # ------------------------------------------------------------------ drop-in

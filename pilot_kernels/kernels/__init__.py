@@ -120,3 +120,16 @@ def get_step_fn(name: str) -> Callable[..., None]:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
         module = _LOADED[name] = importlib.import_module(_MODULES[name])
     return module.pilot_step
+
+
+def run_step(backend: str, t, h, e, workspace: dict) -> None:
+    """TEMPORARY (coordinator's stand-in until the dispatcher lands): the reference only."""
+    from . import reference
+
+    device = t.xs[0].device
+    resolve_backend(backend, device)
+    e = e._replace(
+        grad_scale=None if e.grad_scale is None else e.grad_scale.to(device, non_blocking=True),
+        found_inf=None if e.found_inf is None else e.found_inf.to(device, non_blocking=True),
+    )
+    reference.pilot_step(t, h, e, workspace)
