@@ -166,6 +166,14 @@ class _Partition:
     def holds_for(self, t: StepTensors) -> bool:
         return len(t.xs) == self.n and self.guard.check([u for s in _streams(t) for u in s])
 
+    def __reduce__(self):
+        # A copied or pickled workspace holds no partition: the next call makes one.
+        return (_nothing, ())
+
+
+def _nothing() -> None:
+    return None
+
 
 def _bump_versions(tensors: list) -> None:
     """Autograd's view of a kernel's in-place writes: a graph that saved one of these
