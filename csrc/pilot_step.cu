@@ -60,8 +60,8 @@ __device__ __forceinline__ float w_of(float x, float m, bool beta_zero) {
 // pilot_kernels.init.split of one fp32 value, the same fp32 operations in its order:
 // the closed form, then m nudged by +1, -1, +2, -2 ulps (w recomputed) to the first
 // pair whose product is x exactly.
-__device__ __noinline__ void split_element(float x, const PilotHyper& h, float& m_out,
-                                           float& w_out) {
+__device__ __forceinline__ void split_element(float x, const PilotHyper& h, float& m_out,
+                                              float& w_out) {
   const bool bz = h.beta_zero != 0;
   float m;
   if (bz) {

@@ -188,7 +188,6 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, 
     read = mask
     if MASKED:
         mask = mask & (skip == 0)   # lanes written
-    g = _load(g_ptrs, read, MASKED).to(tl.float32)
     m = _load(m_ptrs, read, MASKED)
     w = _load(w_ptrs, read, MASKED)
     m0 = m
@@ -198,11 +197,12 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, 
         x_in = _load(x_ptrs, read, MASKED)
         fresh = _bits(x_in) != _bits(_rounded(m * w, x_dtype))
         first = first | fresh              # a written element's momentum restarts
-        if tl.max(fresh.to(tl.int32), axis=0) != 0:   # the re-split only where needed
-            x_f = x_in.to(tl.float32)
-            m_split, w_split = _split(x_f, beta, beta_sq, half_beta, BETA_ZERO)
-            m = tl.where(fresh, m_split, m)
-            w = tl.where(fresh, w_split, w)
+        # Branch-free, before g and the buffers are loaded: a branch on "any lane
+        # written" costs more registers than the re-split (docs/kernels.md).
+        m_split, w_split = _split(x_in.to(tl.float32), beta, beta_sq, half_beta, BETA_ZERO)
+        m = tl.where(fresh, m_split, m)
+        w = tl.where(fresh, w_split, w)
+    g = _load(g_ptrs, read, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.math.div_rn(g, scale)        # IEEE division; `/` is approximate on GPUs
     if MAXIMIZE:
