@@ -1,11 +1,15 @@
 """One-pass PILoT step in Triton: the reparameterized tensors of a (device, dtype, param
-group) in one launch (two or more only for unaligned views or mixed gradient dtypes).
+group, gradient dtype) in one launch (two only when some views are unaligned).
 
-Per element the kernel reads ``g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
-40 bytes for fp32 parameters with momentum (paper §3's update on both factors), against
-20 for fused dense SGD.  ``x`` is never read; it is recomputed as ``m·w``.  ``Σ|m·w|``
-is reduced per program and added with one atomic per program, so the L1 norm the α
-schedule needs costs no extra pass over memory.
+Per element the kernel reads ``x, g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
+44 bytes for fp32 parameters with momentum (paper §3's update on both factors), against
+20 for fused dense SGD.  ``x`` is read to adopt what was written into it since the last
+step (``adopt_writes``): an element whose bits differ from the ``fl(m·w)`` the last step
+wrote (recomputed from the old ``m``, ``w``, in x's dtype) is re-split from its current
+value exactly as :func:`pilot_kernels.init.split` does, and its momentum restarts
+(``b = d`` for that element).  With ``adopt_writes=False`` ``x`` is not read (40 bytes)
+and is recomputed as ``m·w``.  ``Σ|m·w|`` is reduced per program and added with one
+atomic per program, so the L1 norm the α schedule needs costs no extra pass over memory.
 
 Addressing.  Each stream (x, g, m, w, b_m, b_w) has a base pointer passed as a kernel
 argument, and the per-tensor table holds int64 *element offsets* from those bases.
@@ -22,9 +26,9 @@ tensor's last, partial block is masked.  ``benchmarks/inspect_kernels.py`` shows
 resulting SASS; ``tests/test_sass.py`` keeps it vectorized.
 
 Exactness.  Launched with FP contraction off (``enable_fp_fusion=False``) and IEEE
-division (``div_rn``), every value is one fp32 torch op of the reference, rounded once,
-in the reference's order, so a GPU must agree with the reference bit for bit, as the
-CPU interpreter does (the ``gpu``-marked tests compare exactly; ``tests/test_sass.py``
+division and square root (``div_rn``, ``sqrt_rn``), every value is one fp32 torch op of
+the reference, rounded once, in the reference's order, so a GPU must agree with the
+reference bit for bit, as the CPU interpreter does (the ``gpu``-marked tests compare exactly; ``tests/test_sass.py``
 checks the PTX for ``fma`` and approximate division).
 
 Layout follows Liger-Kernel's ops: constants → ``@triton.jit`` kernels → launcher →
@@ -45,7 +49,7 @@ from .api import StepExtras, StepHparams, StepTensors
 from .layout import ALIGNMENT, walkable
 
 # ----------------------------------------------------------------------- constants
-# Elements per program.  The step is memory bound (40 B/element); 2048 fp32 elements
+# Elements per program.  The step is memory bound (44 B/element); 2048 fp32 elements
 # with 8 warps give each thread 8 elements per stream: two 4-element vector accesses
 # (16 bytes each for fp32).
 # These values have not yet been tuned by measurement on a GPU.
