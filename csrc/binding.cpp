@@ -6,12 +6,11 @@
 // and with a cached table nothing but the launch, so a step can be captured in a CUDA
 // graph.
 //
-// Tensors the kernel cannot walk are not refused: their indices are returned and
-// fused_cuda.py steps them with the reference backend, as the Triton backend does.  That
-// is the layout contract of pilot_kernels/kernels/layout.py (every tensor of an entry
-// dense, with x's shape and, on dimensions of size > 1, x's strides), plus a gradient
-// whose dtype differs from its parameter's (torch's grad_dtype), which this kernel does
-// not read.
+// It steps exactly what it is given: pilot_kernels.kernels.run_step has already handed
+// the reference every entry the kernel cannot walk (layout.py's contract: every tensor
+// of an entry dense, with x's shape and, on dimensions of size > 1, x's strides), split
+// the call by gradient dtype (x's or float32), and bumps the version counters after the
+// call.  Each of those is still checked here (TORCH_CHECK, before anything is written).
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -59,11 +58,11 @@ bool same_layout(const at::Tensor& a, const at::Tensor& x) {
   return true;
 }
 
-// Raises for what no backend may accept (a missing tensor, another device, non-fp32
-// state, another shape); returns false where only this kernel cannot walk the tensor
-// (another layout, or a gradient dtype other than the parameter's).
-bool check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& x,
-                  const std::string& x_name, bool fp32_state) {
+// Raises, naming the fix, for anything the kernel cannot step: a missing tensor, another
+// device, non-fp32 state, a gradient of another dtype than grads[0] (which is x's or
+// fp32), another shape or a layout the kernel cannot walk together with x.
+void check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor& x,
+                  const std::string& x_name, bool fp32_state, at::ScalarType grad_dtype) {
   TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
   TORCH_CHECK(t.is_cuda(), name, " is on ", t.device(),
               "; the cuda backend needs CUDA tensors: move the model to the GPU or use "
@@ -75,15 +74,17 @@ bool check_tensor(const at::Tensor& t, const std::string& name, const at::Tensor
                 "; PILoT state (m, w, momentum buffers) must be float32: create it with "
                 "torch.float32 whatever the parameter dtype");
   } else {
-    const at::ScalarType g = t.scalar_type();
-    TORCH_CHECK(g == at::kFloat || g == at::kBFloat16 || g == at::kHalf, name, " has dtype ", g,
-                "; gradients must be float32, bfloat16 or float16 (cast it with .to())");
+    TORCH_CHECK(t.scalar_type() == grad_dtype, name, " has dtype ", t.scalar_type(),
+                " but grads[0] has ", grad_dtype, "; one call takes one gradient dtype, the "
+                "parameters' or float32 (call through pilot_kernels.kernels.run_step)");
   }
   TORCH_CHECK(t.numel() == x.numel() && t.sizes() == x.sizes(), name, " has shape ", t.sizes(),
               " but ", x_name, " has shape ", x.sizes(), "; every tensor of an entry must have "
               "the parameter's shape");
-  if (!fp32_state && t.scalar_type() != x.scalar_type()) return false;
-  return same_layout(t, x);
+  TORCH_CHECK(same_layout(t, x), name, " has strides ", t.strides(), " but ", x_name, " has ",
+              x.strides(), "; the kernel walks an entry's tensors in one memory order (call "
+              "through pilot_kernels.kernels.run_step, which steps such entries with the "
+              "reference)");
 }
 
 // A 1-element fp32 tensor on `device`, read by the kernel (never on the host).
@@ -153,15 +154,15 @@ at::Tensor device_table_for(const std::vector<uint8_t>& rows, const at::Device& 
 // lr / alpha: a float, or (lr_tensor / alpha_tensor) a 1-element fp32 device tensor read
 // by the kernel.  workspace: None or a dict kept by the caller between calls; the device
 // table is cached in it and re-uploaded only when a pointer, size or flag changed.
-// Returns the indices of the tensors left to the caller (see the top of this file); the
-// kernel has cleared l1_clear either way.
-std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, const TensorList& ms,
+// The kernel clears l1_clear.
+void pilot_step(const TensorList& xs, const TensorList& grads, const TensorList& ms,
                 const TensorList& ws, const std::optional<TensorList>& momentum_ms,
                 const std::optional<TensorList>& momentum_ws, const std::vector<bool>& firsts,
                 double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
                 double dampening, bool nesterov, double alpha,
                 const std::optional<at::Tensor>& alpha_tensor, double weight_decay,
-                bool maximize, const std::optional<at::Tensor>& grad_scale,
+                bool maximize, double beta, bool adopt_writes,
+                const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& l1_accum,
                 const std::optional<at::Tensor>& l1_clear, const py::object& workspace) {
@@ -184,9 +185,12 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
                 "(no buffers are used without momentum) or set momentum > 0");
   }
 
+  TORCH_CHECK(!adopt_writes || (beta >= 0.0 && beta <= pilot::kPilotMaxBeta), "beta is ", beta,
+              "; the cuda backend re-splits written elements with 0 <= beta <= 2^47 (use "
+              "backend='reference' for a larger one)");
   if (n == 0) {  // nothing to step; still honour l1_clear, as the reference does
     if (l1_clear.has_value() && l1_clear->defined()) l1_clear->zero_();
-    return {};
+    return;
   }
 
   const at::Tensor& x0 = xs[0];
@@ -198,6 +202,13 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
   const pilot::ParamType ptype = param_type_of(x0);
   const at::ScalarType dtype = x0.scalar_type();
   const size_t elem = x0.element_size();
+  TORCH_CHECK(grads[0].defined(), "grads[0] is undefined; pass a tensor");
+  const at::ScalarType grad_dtype = grads[0].scalar_type();
+  TORCH_CHECK(grad_dtype == dtype || grad_dtype == at::kFloat, "grads[0] has dtype ", grad_dtype,
+              " for ", dtype, " parameters; the cuda backend reads gradients of the parameters' "
+              "dtype or float32 (cast it with .to())");
+  const pilot::ParamType gtype = param_type_of(grads[0]);
+  const size_t grad_elem = grads[0].element_size();
 
   const float* lr_ptr = scalar_ptr(lr_tensor, "lr (a tensor)", device, false);
   const float* alpha_ptr = scalar_ptr(alpha_tensor, "alpha (a tensor)", device, false);
@@ -209,10 +220,8 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  // Validate everything before anything is written; sort out what the kernel takes.
+  // Validate everything before anything is written.
   int64_t n_entries = 0;
-  std::vector<bool> fused(n, false);
-  std::vector<int64_t> slow;
   for (size_t i = 0; i < n; ++i) {
     const std::string xn = describe("xs", i);
     const at::Tensor& x = xs[i];
@@ -222,22 +231,17 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
                 "; call once per device (the optimizer groups tensors by device and dtype)");
     TORCH_CHECK(x.scalar_type() == dtype, xn, " has dtype ", x.scalar_type(), " but xs[0] has ",
                 dtype, "; call once per dtype (the optimizer groups tensors by device and dtype)");
-    // Every check runs (and may raise) before any tensor is written, walkable or not.
-    bool walkable = x.is_non_overlapping_and_dense();
-    walkable &= check_tensor(grads[i], describe("grads", i), x, xn, false);
-    walkable &= check_tensor(ms[i], describe("ms", i), x, xn, true);
-    walkable &= check_tensor(ws[i], describe("ws", i), x, xn, true);
+    TORCH_CHECK(x.is_non_overlapping_and_dense(), xn, " is not dense (a strided view); the "
+                "kernel walks dense tensors only (call through pilot_kernels.kernels.run_step, "
+                "which steps it with the reference)");
+    check_tensor(grads[i], describe("grads", i), x, xn, false, grad_dtype);
+    check_tensor(ms[i], describe("ms", i), x, xn, true, grad_dtype);
+    check_tensor(ws[i], describe("ws", i), x, xn, true, grad_dtype);
     if (has_momentum) {
-      walkable &= check_tensor((*momentum_ms)[i], describe("momentum_ms", i), x, xn, true);
-      walkable &= check_tensor((*momentum_ws)[i], describe("momentum_ws", i), x, xn, true);
+      check_tensor((*momentum_ms)[i], describe("momentum_ms", i), x, xn, true, grad_dtype);
+      check_tensor((*momentum_ws)[i], describe("momentum_ws", i), x, xn, true, grad_dtype);
     }
-    if (x.numel() == 0) continue;
-    if (walkable) {
-      fused[i] = true;
-      ++n_entries;
-    } else {
-      slow.push_back(static_cast<int64_t>(i));
-    }
+    if (x.numel() > 0) ++n_entries;
   }
 
   // The table (pilot_step.h), built on the host every call: gradients may move between
@@ -251,8 +255,8 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
         rows.data() + pilot::table_entries_offset(n_entries));
     int64_t k = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (!fused[i]) continue;
       const at::Tensor& x = xs[i];
+      if (x.numel() == 0) continue;
       pilot::PilotTensorEntry& e = entries[k];
       e.x = x.data_ptr();
       e.grad = grads[i].data_ptr();
@@ -262,7 +266,7 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
       e.momentum_w = has_momentum ? (*momentum_ws)[i].data_ptr<float>() : nullptr;
       e.numel = x.numel();
       e.first = firsts[i] ? 1 : 0;
-      const bool aligned = aligned_to(e.x, 4 * elem) && aligned_to(e.grad, 4 * elem) &&
+      const bool aligned = aligned_to(e.x, 4 * elem) && aligned_to(e.grad, 4 * grad_elem) &&
                            aligned_to(e.m, 16) && aligned_to(e.w, 16) &&
                            aligned_to(e.momentum_m, 16) && aligned_to(e.momentum_w, 16);
       e.aligned = aligned ? 1 : 0;
@@ -273,19 +277,6 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
     chunk_starts[n_entries] = total_chunks;
   }
   const at::Tensor device_table = device_table_for(rows, device, stream, workspace);
-
-  // Autograd's view of the kernel's in-place writes (the reference's copy_ does the same);
-  // raises, before anything is written, for an inference tensor outside InferenceMode.
-  for (size_t i = 0; i < n; ++i) {
-    if (!fused[i]) continue;  // the reference's copy_ bumps the others
-    torch::autograd::impl::bump_version(xs[i]);
-    torch::autograd::impl::bump_version(ms[i]);
-    torch::autograd::impl::bump_version(ws[i]);
-    if (has_momentum) {
-      torch::autograd::impl::bump_version((*momentum_ms)[i]);
-      torch::autograd::impl::bump_version((*momentum_ws)[i]);
-    }
-  }
 
   // l1_accum and l1_clear the same element: clear first (as the reference), then add.
   if (l1_clear_ptr != nullptr && l1_clear_ptr == l1_accum_ptr) {
@@ -299,6 +290,11 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
   hyper.one_minus_dampening = static_cast<float>(1.0 - dampening);
   hyper.two_alpha = static_cast<float>(2.0 * alpha);
   hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.beta = static_cast<float>(beta);
+  hyper.beta_sq = static_cast<float>(beta * beta);
+  hyper.half_beta = static_cast<float>(beta * 0.5);
+  hyper.adopt_writes = adopt_writes ? 1 : 0;
+  hyper.beta_zero = beta == 0.0 ? 1 : 0;
   hyper.has_momentum = has_momentum ? 1 : 0;
   hyper.nesterov = nesterov ? 1 : 0;
   hyper.maximize = maximize ? 1 : 0;
@@ -307,11 +303,10 @@ std::vector<int64_t> pilot_step(const TensorList& xs, const TensorList& grads, c
   hyper.alpha_device = alpha_ptr;
 
   const cudaError_t err = pilot::pilot_step_launch(
-      ptype, device_table.defined() ? device_table.data_ptr() : nullptr, n_entries, total_chunks,
+      ptype, gtype, device_table.defined() ? device_table.data_ptr() : nullptr, n_entries, total_chunks,
       hyper, grad_scale_ptr, found_inf_ptr, l1_accum_ptr, l1_clear_ptr,
       static_cast<int>(device.index()), stream);
   C10_CUDA_CHECK(err);
-  return slow;
 }
 
 }  // namespace
@@ -320,14 +315,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA C++ fused PILoT step (pilot_kernels.kernels.fused_cuda)";
   m.def("pilot_step", &pilot_step,
         "One fused PILoT step for the tensors of one (device, dtype) group; see "
-        "pilot_kernels.kernels.reference.pilot_step for the semantics.  Returns the indices "
-        "of the tensors the kernel did not step (layout or gradient dtype): the caller steps "
-        "them with the reference.",
+        "pilot_kernels.kernels.reference.pilot_step for the semantics; called by "
+        "pilot_kernels.kernels.run_step (which bumps the version counters).",
         py::arg("xs"), py::arg("grads"), py::arg("ms"), py::arg("ws"), py::arg("momentum_ms"),
         py::arg("momentum_ws"), py::arg("firsts"), py::arg("lr"), py::arg("lr_tensor"),
         py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("alpha"),
         py::arg("alpha_tensor"), py::arg("weight_decay"), py::arg("maximize"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1_accum"), py::arg("l1_clear"),
+        py::arg("beta"), py::arg("adopt_writes"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1_accum"), py::arg("l1_clear"),
         py::arg("workspace"));
   m.attr("CHUNK") = pilot::kPilotChunk;
   m.attr("BLOCK") = pilot::kPilotBlock;

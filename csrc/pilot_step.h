@@ -30,8 +30,8 @@ constexpr int kPilotBlock = 256;
 // The parameter (and gradient) dtype of a group; state is always fp32.
 enum class ParamType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// One tensor of the group.  x and grad have the parameter dtype; m, w and the momentum
-// buffers are fp32.  momentum_m/momentum_w are null when momentum == 0.
+// One tensor of the group.  x has the parameter dtype, grad the group's gradient dtype
+// (the parameter's or fp32); m, w and the momentum buffers are fp32.  momentum_m/momentum_w are null when momentum == 0.
 struct alignas(16) PilotTensorEntry {
   void* x;
   const void* grad;
@@ -55,6 +55,11 @@ struct PilotHyper {
   float one_minus_dampening;  // float(1 - dampening), computed in double first
   float two_alpha;            // float(2 * alpha), computed in double first
   float weight_decay;
+  float beta;                 // the re-split's m² − w² = β, and float(β·β), float(β/2)
+  float beta_sq;              //   computed in double first, as the reference's scalars
+  float half_beta;
+  int32_t adopt_writes;       // read x; re-split the elements written since the last step
+  int32_t beta_zero;          // β == 0: the balanced split w = sign(x)·m
   int32_t has_momentum;       // momentum != 0
   int32_t nesterov;
   int32_t maximize;
@@ -62,6 +67,11 @@ struct PilotHyper {
   const float* lr_device;     // non-null: lr = *lr_device
   const float* alpha_device;  // non-null: two_alpha = 2 * *alpha_device (in fp32)
 };
+
+// Above this |x| the re-split takes m from hypot(β/2, x) (init.split's _HUGE), which is
+// |x| exactly for β <= kPilotMaxBeta (the binding refuses larger β).
+constexpr float kPilotHuge = 1152921504606846976.0f;  // 2^60
+constexpr double kPilotMaxBeta = 140737488355328.0;   // 2^47
 
 // Byte offset of the entries in the table (64-byte aligned).
 inline constexpr int64_t table_entries_offset(int64_t n_tensors) {
@@ -83,7 +93,8 @@ inline constexpr int64_t chunks_of(int64_t numel) {
 // `stream`).  grad_scale / found_inf / l1_accum / l1_clear are device pointers to one
 // fp32 value each, or null.  l1_clear must differ from l1_accum (the caller clears it
 // itself otherwise).  Returns the launch status (cudaSuccess or the error).
-cudaError_t pilot_step_launch(ParamType param_type, const void* device_table,
+// grad_type is param_type or kFloat32.
+cudaError_t pilot_step_launch(ParamType param_type, ParamType grad_type, const void* device_table,
                               int64_t n_tensors, int64_t total_chunks,
                               const PilotHyper& hyper, const float* grad_scale,
                               const float* found_inf, float* l1_accum, float* l1_clear,

@@ -58,14 +58,21 @@ def split(x: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]:
 _NUDGES = (1, -1, 2, -2)
 
 
+def _sqrt_rn(v: Tensor) -> Tensor:
+    """fp32 square root rounded to nearest, as IEEE (and the kernels' sqrt_rn) define it:
+    through float64, whose rounding to fp32 is then exact.  torch's vectorized fp32
+    sqrt on the CPU is off by an ulp for some inputs."""
+    return v.double().sqrt().float()
+
+
 def _closed_form_m(x: Tensor, beta: float) -> Tensor:
     if beta == 0:
-        return x.abs().sqrt()
-    m = torch.sqrt((beta + torch.sqrt(beta * beta + 4.0 * x * x)) * 0.5)
+        return _sqrt_rn(x.abs())
+    m = _sqrt_rn((beta + _sqrt_rn(beta * beta + 4.0 * x * x)) * 0.5)
     huge = x.abs() > _HUGE
     # where() keeps the common formula's bits everywhere else (and costs nothing on the
     # host: no check of whether any entry is huge).
-    return torch.where(huge, torch.sqrt(beta * 0.5 + torch.hypot(x.new_tensor(beta * 0.5), x)), m)
+    return torch.where(huge, _sqrt_rn(beta * 0.5 + torch.hypot(x.new_tensor(beta * 0.5), x)), m)
 
 
 def _w_from_m(x: Tensor, m: Tensor, beta: float) -> Tensor:

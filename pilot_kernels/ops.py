@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import get_step_fn, resolve_backend
+from .kernels import StepExtras, StepHparams, StepTensors, run_step
 
 _MUTATED = ("xs", "ms", "ws", "momentum_ms", "momentum_ws", "l1_accum", "l1_clear")
 
@@ -35,27 +35,30 @@ def pilot_step_op(
     alpha_tensor: Optional[Tensor],
     weight_decay: float,
     maximize: bool,
+    beta: float,
+    adopt_writes: bool,
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
     l1_accum: Optional[Tensor],
     l1_clear: Optional[Tensor],
     backend: str,
 ) -> None:
-    """In-place PILoT step; the arguments of ``pilot_kernels.kernels.reference.pilot_step``
-    with each of lr/alpha as a (float, optional device tensor) pair."""
-    step_fn = get_step_fn(resolve_backend(backend, xs[0].device))
-    step_fn(
-        xs, grads, ms, ws, momentum_ms or None, momentum_ws or None, firsts,
-        lr=lr if lr_tensor is None else lr_tensor,
-        momentum=momentum, dampening=dampening, nesterov=nesterov,
-        alpha=alpha if alpha_tensor is None else alpha_tensor,
-        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf, l1_accum=l1_accum, l1_clear=l1_clear,
+    """In-place PILoT step: :func:`pilot_kernels.kernels.run_step`'s arguments flattened
+    (the op schema takes no NamedTuple), each of lr/alpha as a (float, optional tensor)
+    pair (:func:`pilot_kernels.kernels.split_scalar`), no momentum as empty lists."""
+    run_step(
+        backend,
+        StepTensors(xs, grads, ms, ws, momentum_ms or None, momentum_ws or None, firsts),
+        StepHparams(lr=lr if lr_tensor is None else lr_tensor, momentum=momentum,
+                    dampening=dampening, nesterov=nesterov,
+                    alpha=alpha if alpha_tensor is None else alpha_tensor, beta=beta,
+                    weight_decay=weight_decay, maximize=maximize, adopt_writes=adopt_writes),
+        StepExtras(grad_scale=grad_scale, found_inf=found_inf, l1_accum=l1_accum, l1_clear=l1_clear),
     )
 
 
 @pilot_step_op.register_fake
 def _(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts, lr, lr_tensor, momentum, dampening,
-      nesterov, alpha, alpha_tensor, weight_decay, maximize, grad_scale, found_inf, l1_accum,
-      l1_clear, backend) -> None:
+      nesterov, alpha, alpha_tensor, weight_decay, maximize, beta, adopt_writes, grad_scale,
+      found_inf, l1_accum, l1_clear, backend) -> None:
     return None

@@ -22,10 +22,11 @@ from pilot_kernels.kernels import BACKENDS, resolve_backend, traffic, triton_int
 
 # --------------------------------------------------------------------- analytic bytes
 def test_bytes_per_element():
-    # PILoT: read g, m, w, b_m, b_w; write m, w, b_m, b_w, x
-    assert traffic.bytes_per_element("pilot", torch.float32) == 40
-    assert traffic.bytes_per_element("pilot", torch.bfloat16) == 36  # g and x follow x's dtype
-    assert traffic.bytes_per_element("pilot", torch.float32, momentum=False) == 24
+    # PILoT: read x, g, m, w, b_m, b_w; write m, w, b_m, b_w, x
+    assert traffic.bytes_per_element("pilot", torch.float32) == 44
+    assert traffic.bytes_per_element("pilot", torch.bfloat16) == 38  # g and x follow x's dtype
+    assert traffic.bytes_per_element("pilot", torch.float32, momentum=False) == 28
+    assert traffic.bytes_per_element("pilot", torch.float32, adopt_writes=False) == 40  # x not read
     # SGD with momentum: read g, p, b; write p, b
     assert traffic.bytes_per_element("sgd", torch.float32) == 20
     assert traffic.bytes_per_element("sgd", torch.bfloat16) == 10
@@ -37,7 +38,7 @@ def test_bytes_per_element():
 
 def test_step_bytes_splits_like_pilot():
     shapes = [(4, 4), (3, 2, 1, 1), (4,)]  # two reparameterized tensors, one vector
-    assert traffic.step_bytes(shapes, "pilot") == (16 + 6) * 40 + 4 * 20
+    assert traffic.step_bytes(shapes, "pilot") == (16 + 6) * 44 + 4 * 20
     assert traffic.step_bytes(shapes, "sgd") == 26 * 20
     assert traffic.step_bytes(shapes, "copy") == 26 * 8
     with pytest.raises(ValueError):

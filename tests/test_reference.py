@@ -1,9 +1,13 @@
-"""The reference backend against torch.optim.SGD and against the update written out by hand."""
+"""The reference backend (the oracle) against torch.optim.SGD and against the update
+written out by hand, including the adoption of elements written into x."""
 import pytest
 import torch
 
 from pilot_kernels import PILoT, split
-from helpers import OPTION_GRID, assert_same_state, option_id
+from pilot_kernels.kernels import StepExtras
+from pilot_kernels.kernels.reference import written
+from helpers import (OPTION_GRID, assert_same_state, fresh_state, hparams, option_id, random_grads, step,
+                     write_every_kind)
 
 STEPS = 7
 
@@ -40,8 +44,8 @@ def _by_hand(x, m, w, b_m, b_w, g, *, lr, momentum, dampening, nesterov, alpha, 
     d_m = g * w + 2 * alpha * m
     d_w = g * m + 2 * alpha * w
     if momentum != 0:
-        b_m = d_m if first else momentum * b_m + (1 - dampening) * d_m
-        b_w = d_w if first else momentum * b_w + (1 - dampening) * d_w
+        b_m = torch.where(first, d_m, momentum * b_m + (1 - dampening) * d_m)   # first: a mask
+        b_w = torch.where(first, d_w, momentum * b_w + (1 - dampening) * d_w)
         d_m = d_m + momentum * b_m if nesterov else b_m
         d_w = d_w + momentum * b_w if nesterov else b_w
     m = m - lr * d_m
@@ -52,50 +56,70 @@ def _by_hand(x, m, w, b_m, b_w, g, *, lr, momentum, dampening, nesterov, alpha, 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
 def test_reparam_matches_the_update_by_hand(opts, beta):
+    """The reference step against the update written out in float64, with a write into x
+    (adopted: re-split from the written value, momentum restarted there) midway."""
     shapes = [(4, 3), (2, 3, 5)]
-    torch.manual_seed(1)
-    params = [torch.randn(s, requires_grad=True) for s in shapes]
-    init = [p.detach().clone() for p in params]
-    opt = PILoT(params, lr=0.05, beta=beta, backend="reference", **opts)
-
-    # The hand-written model of the same run, in float64.
-    hand = []
-    for x0 in init:
-        m, w = (t.double() for t in split(x0, beta))
-        hand.append(dict(m=m, w=w, b_m=torch.zeros_like(m), b_w=torch.zeros_like(m)))
-    l1 = None
-    for step, grads in enumerate(_grads(shapes, STEPS, seed=2)):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        l1 = 0.0
-        for s, g in zip(hand, grads):
-            x, s["m"], s["w"], s["b_m"], s["b_w"] = _by_hand(
-                None, s["m"], s["w"], s["b_m"], s["b_w"], g.double(), lr=0.05, first=step == 0, **opts)
-            l1 += x.abs().sum().item()
-    for p, s in zip(params, hand):
-        st = opt.state[p]
-        for key, ref in (("m", s["m"]), ("w", s["w"])):
-            assert st[key].dtype == torch.float32
-            torch.testing.assert_close(st[key].double(), ref, rtol=1e-5, atol=1e-6)
+    s = fresh_state(shapes, beta=beta, momentum=opts["momentum"] != 0, seed=1)
+    h = hparams(beta=beta, lr=0.05, **opts)
+    hand = [dict(m=m.double(), w=w.double(), b_m=torch.zeros_like(m, dtype=torch.float64),
+                 b_w=torch.zeros_like(m, dtype=torch.float64)) for m, w in zip(s["ms"], s["ws"])]
+    first = [torch.ones(sh, dtype=torch.bool) for sh in shapes]
+    l1 = torch.zeros(())
+    for k, grads in enumerate(_grads(shapes, STEPS, seed=2)):
+        if k == 3:
+            written = write_every_kind(s["xs"], torch.Generator().manual_seed(3))
+            for x, st, new, f in zip(s["xs"], hand, written, first):
+                m, w = split(x, beta)
+                st["m"] = torch.where(new, m.double(), st["m"])
+                st["w"] = torch.where(new, w.double(), st["w"])
+                f |= new
+        step("reference", s, grads, h, StepExtras(l1_accum=l1, l1_clear=l1))
+        total = 0.0
+        for i, (st, g) in enumerate(zip(hand, grads)):
+            x, st["m"], st["w"], st["b_m"], st["b_w"] = _by_hand(
+                None, st["m"], st["w"], st["b_m"], st["b_w"], g.double(), lr=0.05, first=first[i], **opts)
+            first[i] = torch.zeros_like(first[i])
+            total += x.abs().sum().item()
+    for i, st in enumerate(hand):
+        for key, ref in (("ms", st["m"]), ("ws", st["w"])):
+            assert s[key][i].dtype == torch.float32
+            torch.testing.assert_close(s[key][i].double(), ref, rtol=1e-5, atol=1e-6)
         if opts["momentum"]:
-            torch.testing.assert_close(st["momentum_m"].double(), s["b_m"], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(st["momentum_w"].double(), s["b_w"], rtol=1e-5, atol=1e-6)
-        else:
-            assert "momentum_m" not in st
-        torch.testing.assert_close(p.detach().double(), s["m"] * s["w"], rtol=1e-5, atol=1e-6)
-        assert torch.equal(p.detach(), st["m"] * st["w"])   # x == m·w exactly after a step
-    torch.testing.assert_close(opt.l1_norm().item(), l1, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s["momentum_ms"][i].double(), st["b_m"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s["momentum_ws"][i].double(), st["b_w"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s["xs"][i].double(), st["m"] * st["w"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(s["xs"][i], s["ms"][i] * s["ws"][i])   # x == m·w exactly after a step
+    torch.testing.assert_close(l1.item(), total, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_params_keep_fp32_math():
-    """bf16 parameters: state fp32, x is the bf16 rounding of the fp32 product."""
-    torch.manual_seed(0)
-    p = torch.randn(6, 7).bfloat16().requires_grad_()
-    opt = PILoT([p], lr=0.1, alpha=1e-2, backend="reference")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_written_marks_exactly_the_elements_written(dtype):
+    s = fresh_state([(40,), (7, 9), (3,), (5, 5), (11,)], dtype)
+    assert not any(written(x, m, w).any() for x, m, w in zip(s["xs"], s["ms"], s["ws"]))
+    marks = write_every_kind(s["xs"], torch.Generator().manual_seed(0))
+    for x, m, w, mark in zip(s["xs"], s["ms"], s["ws"], marks):
+        assert torch.equal(written(x, m, w), mark)
+
+
+def test_adopt_writes_off_overwrites_a_write():
+    s = fresh_state([(6, 4)])
+    m0, w0 = s["ms"][0].clone(), s["ws"][0].clone()
+    s["xs"][0].data.fill_(3.0)
+    zeros = [torch.zeros(6, 4)]
+    step("reference", s, zeros, hparams(adopt_writes=False, lr=0.0, alpha=0.0))
+    assert torch.equal(s["ms"][0], m0) and torch.equal(s["ws"][0], w0)
+    assert torch.equal(s["xs"][0], m0 * w0)
+    s["xs"][0].data.fill_(3.0)
+    step("reference", s, zeros, hparams(lr=0.0, alpha=0.0))
+    assert torch.equal(s["xs"][0], torch.full((6, 4), 3.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_params_keep_fp32_math(dtype):
+    """16-bit parameters: state fp32, x is the rounding of the fp32 product."""
+    s = fresh_state([(6, 7)], dtype)
+    gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        p.grad = torch.randn_like(p)
-        opt.step()
-    st = opt.state[p]
-    assert st["m"].dtype == st["w"].dtype == st["momentum_m"].dtype == torch.float32
-    assert torch.equal(p.detach(), (st["m"] * st["w"]).bfloat16())
+        step("reference", s, random_grads(s, gen), hparams())
+    assert all(s[k][0].dtype == torch.float32 for k in ("ms", "ws", "momentum_ms", "momentum_ws"))
+    assert torch.equal(s["xs"][0], (s["ms"][0] * s["ws"][0]).to(dtype))

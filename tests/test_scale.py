@@ -6,7 +6,8 @@ from torch import nn
 from pilot_kernels import PILoT
 from pilot_kernels.schedules import GeometricAlpha
 from conftest import KERNEL_DEVICES
-from helpers import assert_same_state
+from pilot_kernels.kernels import StepExtras
+from helpers import STREAMS, assert_same_state, fresh_state, hparams, random_grads, step
 
 
 def _mlp(seed=0):
@@ -48,7 +49,7 @@ def test_custom_op_is_registered_with_a_fake_kernel():
         ops.pilot_step_op,
         ([torch.randn(3, 2)], [torch.randn(3, 2)], [torch.rand(3, 2) + 1], [torch.randn(3, 2)],
          [torch.zeros(3, 2)], [torch.zeros(3, 2)], [True], 0.1, None, 0.9, 0.0, False, 0.01, None,
-         0.0, False, None, None, torch.zeros(()), torch.zeros(()), "reference"),
+         0.0, False, 1.0, True, None, None, torch.zeros(()), torch.zeros(()), "reference"),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -93,27 +94,27 @@ def test_capturable_reads_lr_and_alpha_on_device_without_sync(backend, monkeypat
 
 # ------------------------------------------------------------------ many tiny tensors
 def _many_vs_one(n_tensors, backend, device, steps=2):
-    """Step n tiny tensors, and the same numbers as one concatenated tensor: the update is
-    elementwise, so both must agree bit for bit (the L1 up to summation order)."""
+    """Step n tiny tensors, and the same numbers as one concatenated tensor (a write into
+    a few of them before the last step): the update is elementwise, so both must agree
+    bit for bit (the L1 up to summation order)."""
     shapes = [(1 + i % 3, 1 + i % 5) for i in range(n_tensors)]
-    torch.manual_seed(0)
-    params = [torch.randn(s, device=device).requires_grad_() for s in shapes]
-    flat = torch.cat([p.detach().flatten() for p in params]).reshape(1, -1).requires_grad_()
-    opt = PILoT(params, lr=0.1, alpha=1e-2, momentum=0.9, backend=backend)
-    opt_flat = PILoT([flat], lr=0.1, alpha=1e-2, momentum=0.9, backend="reference")
-    g = torch.Generator(device=device).manual_seed(1)
-    for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=g, device=device) for p in params]
-        for p, gr in zip(params, grads):
-            p.grad = gr
-        flat.grad = torch.cat([gr.flatten() for gr in grads]).reshape(1, -1)
-        opt.step()
-        opt_flat.step()
-    for key in ("m", "w", "momentum_m", "momentum_w"):
-        mine = torch.cat([opt.state[p][key].flatten() for p in params])
-        assert torch.equal(mine, opt_flat.state[flat][key].flatten()), key
-    assert torch.equal(torch.cat([p.detach().flatten() for p in params]), flat.detach().flatten())
-    torch.testing.assert_close(opt.l1_norm(), opt_flat.l1_norm(), rtol=1e-5, atol=1e-3)
+    many = fresh_state(shapes, device=device)
+    one = {k: None if v is None else [torch.cat([u.flatten() for u in v])] for k, v in many.items() if k != "firsts"}
+    one["firsts"] = [True]
+    l1_many, l1_one = torch.zeros((), device=device), torch.zeros((), device=device)
+    g = torch.Generator().manual_seed(1)
+    for k in range(steps):
+        if k == steps - 1:
+            for x in many["xs"][::7]:
+                x.data.mul_(-2.0)
+            one["xs"][0].copy_(torch.cat([x.flatten() for x in many["xs"]]))
+        grads = random_grads(many, g)
+        step(backend, many, grads, hparams(lr=0.1), StepExtras(l1_accum=l1_many, l1_clear=l1_many), {})
+        step("reference", one, [torch.cat([u.flatten() for u in grads])], hparams(lr=0.1),
+             StepExtras(l1_accum=l1_one, l1_clear=l1_one))
+    for key in STREAMS:
+        assert torch.equal(torch.cat([u.flatten() for u in many[key]]), one[key][0]), key
+    torch.testing.assert_close(l1_many, l1_one, rtol=1e-5, atol=1e-3)
 
 
 def test_ten_thousand_tiny_tensors_in_one_step():

@@ -1,36 +1,49 @@
-"""Backends of the PILoT step.
+"""Backends of the PILoT step, and the one dispatcher in front of them.
 
-Every backend module exposes ``pilot_step(xs, grads, ms, ws, momentum_ms, momentum_ws,
-firsts, *, lr, momentum, dampening, nesterov, alpha, weight_decay, maximize,
-grad_scale, found_inf, l1_accum, l1_clear, workspace)`` with the semantics documented in
-:func:`pilot_kernels.kernels.reference.pilot_step`, for tensors that share one device,
-one dtype and one param group.  ``workspace`` is a dict the caller keeps between calls
-for one bucket of tensors; a backend caches what it likes in it.  The optimizer puts
-``"xs_fixed": True`` in its own: its word that every ``x`` of a call is at the address
-it had in every earlier call with that workspace (its write check has just compared
-them), which the Triton backend uses to skip reading those addresses.
+Every backend module exposes ``pilot_step(t: StepTensors, h: StepHparams, e: StepExtras,
+workspace: dict) -> None`` (:mod:`.api`) with the semantics of
+:func:`pilot_kernels.kernels.reference.pilot_step`, and steps exactly what it is given.
+Callers go through :func:`run_step`, which does the glue once for all backends:
 
-* ``reference`` — plain torch; the CPU path and the oracle.
+1. resolves the backend name for the tensors' device (:func:`resolve_backend`);
+2. hands the kernel what it can walk (:func:`.layout.walkable`), one call per gradient
+   dtype (x's, or float32), and the reference everything else;
+3. puts tensor ``lr``/``alpha`` (as fp32), ``grad_scale`` and ``found_inf`` on the
+   tensors' device with ``non_blocking`` (never ``.item()``: no host sync);
+4. clears ``l1_clear`` in the first call it makes, whichever backend that is;
+5. after a kernel returns, bumps the version counters of everything it wrote (x, m, w and
+   both momentum buffers) once, as an in-place torch op does; the reference's ``copy_``
+   bumps its own.
+
+Backends:
+
+* ``reference`` — plain torch; the oracle.
 * ``triton``    — one fused Triton launch per call (``fused_triton``).
 * ``cuda``      — the CUDA C++ twin in ``csrc/`` (``fused_cuda``), built ahead of time or
   on first use.
-* ``cpu``       — the fused, vectorized, multithreaded C++ step for CPU tensors in
-  ``csrc/cpu/`` (``fused_cpu``), built on first use.
+* ``cpu``       — the fused C++ step for CPU tensors in ``csrc/cpu/`` (``fused_cpu``).
 
-``backend="auto"`` picks ``triton`` for CUDA tensors, ``cpu`` for CPU tensors and
-``reference`` otherwise.  Where the ``cpu`` module cannot be built (no compiler, no
-ninja, a failed compile) ``auto`` falls back to ``reference`` with one warning per
-process.  The environment variable ``PILOT_BACKEND`` overrides ``auto`` (not an explicit
-choice).
+``backend="auto"`` picks ``triton`` for CUDA tensors; for CPU tensors ``cpu`` once its
+extension is loaded (``fused_cpu.ready()``, which starts a background build on its first
+call) and ``reference`` until then (bitwise equal, so nothing changes when the build
+lands); ``reference`` on any other device.  The environment variable ``PILOT_BACKEND``
+overrides ``auto`` (not an explicit choice).
 """
 from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
+from torch import Tensor
+
+from . import reference
+from .api import StepExtras, StepHparams, StepTensors
+from .layout import LayoutGuard, walkable
+
+__all__ = ["BACKENDS", "run_step", "resolve_backend", "check_backend_name", "triton_interpreting",
+           "get_step_fn", "split_scalar", "StepTensors", "StepHparams", "StepExtras"]
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "PILOT_BACKEND"
@@ -41,8 +54,6 @@ _MODULES = {
     "cuda": "pilot_kernels.kernels.fused_cuda",
     "cpu": "pilot_kernels.kernels.fused_cpu",
 }
-# Whether the cpu backend could be built in this process (None: not asked yet).
-_CPU_OK: Optional[bool] = None
 
 
 def check_backend_name(name: str) -> None:
@@ -64,7 +75,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
         if name == "auto":
             if device.type == "cuda":
                 return "triton"
-            return "cpu" if device.type == "cpu" and _cpu_available() else "reference"
+            if device.type == "cpu":
+                return "cpu" if _module("cpu").ready() else "reference"
+            return "reference"
     if name in ("triton", "cuda") and device.type != "cuda":
         if name == "triton" and triton_interpreting():
             return name
@@ -80,56 +93,131 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def _cpu_available() -> bool:
-    """Whether ``auto`` may take the cpu backend: builds it on the first CPU step and, if
-    that fails, says so once and settles on the reference for the rest of the process."""
-    global _CPU_OK
-    if _CPU_OK is None:
-        from . import fused_cpu
-
-        _CPU_OK = fused_cpu.available()
-        if not _CPU_OK:
-            reason = (str(fused_cpu.build_error()).strip().splitlines() or ["unknown error"])[0]
-            warnings.warn(
-                f"pilot_kernels: the fused cpu backend is unavailable, using the reference "
-                f"backend instead ({reason})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _CPU_OK
+def split_scalar(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
+    """A hyperparameter (``lr``, ``alpha``) as a ``(float, tensor)`` pair, for flat
+    signatures (the custom op of :mod:`pilot_kernels.ops`): a tensor is passed on."""
+    return (0.0, v) if isinstance(v, Tensor) else (float(v), None)
 
 
-def split_scalar(v: Union[float, torch.Tensor]) -> tuple[float, Optional[torch.Tensor]]:
-    """A hyperparameter (``lr``, ``alpha``) as a ``(float, tensor)`` pair: a tensor
-    (capturable mode) is passed on and read by the kernel itself, never with ``.item()``."""
-    return (0.0, v) if isinstance(v, torch.Tensor) else (float(v), None)
+_LOADED: dict = {}  # backend name -> its module, imported once
 
 
-_LOADED: dict = {}  # backend name -> its module, imported once (get_step_fn)
-
-
-def get_step_fn(name: str) -> Callable[..., None]:
-    """The ``pilot_step`` function of a concrete backend (imported on first use).
-
-    Looked up in the module at every call, so a patched ``pilot_step`` is the one
-    called; the module itself is kept (``importlib.import_module`` costs ~1.5 µs of a
-    step's host time even for a loaded module)."""
+def _module(name: str):
     module = _LOADED.get(name)
     if module is None:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
         module = _LOADED[name] = importlib.import_module(_MODULES[name])
-    return module.pilot_step
+    return module
 
 
-def run_step(backend: str, t, h, e, workspace: dict) -> None:
-    """TEMPORARY (coordinator's stand-in until the dispatcher lands): the reference only."""
-    from . import reference
+def get_step_fn(name: str) -> Callable[..., None]:
+    """The ``pilot_step`` of a concrete backend, looked up at every call (so a patched
+    one is the one called).  It steps only what it is given: use :func:`run_step`."""
+    return _module(name).pilot_step
 
+
+# ----------------------------------------------------------------------- the glue
+def _to_device(v, device: torch.device, fp32: bool):
+    if not isinstance(v, Tensor) or (v.device == device and (not fp32 or v.dtype == torch.float32)):
+        return v
+    return v.to(device=device, dtype=torch.float32 if fp32 else v.dtype, non_blocking=True)
+
+
+def _place_scalars(h: StepHparams, e: StepExtras, device: torch.device):
+    """Scalar tensors on the step's device; floats stay floats (no ``.item()`` anywhere)."""
+    if isinstance(h.lr, Tensor) or isinstance(h.alpha, Tensor):
+        h = h._replace(lr=_to_device(h.lr, device, True), alpha=_to_device(h.alpha, device, True))
+    if e.grad_scale is not None or e.found_inf is not None:
+        e = e._replace(grad_scale=_to_device(e.grad_scale, device, False),
+                       found_inf=_to_device(e.found_inf, device, False))
+    return h, e
+
+
+def _streams(t: StepTensors) -> tuple:
+    return (t.xs, t.grads, t.ms, t.ws) + ((t.momentum_ms, t.momentum_ws) if t.momentum_ms is not None else ())
+
+
+def _pick(t: StepTensors, idx: list) -> StepTensors:
+    def pick(seq):
+        return None if seq is None else [seq[i] for i in idx]
+
+    return StepTensors(*(pick(s) for s in t[:6]), [t.firsts[i] for i in idx])
+
+
+class _Partition:
+    """Which entries go to the kernel (per gradient dtype) and which to the reference;
+    kept in the workspace while the shapes, strides and dtypes of every tensor it looked
+    at (:class:`LayoutGuard`) are unchanged."""
+
+    def __init__(self, t: StepTensors):
+        x_dtype = t.xs[0].dtype
+        self.parts: dict = {}   # gradient dtype -> entry indices
+        self.rest: list = []
+        for i, tensors in enumerate(zip(*_streams(t))):
+            g = tensors[1]
+            if g.dtype in (x_dtype, torch.float32) and walkable(*tensors):
+                self.parts.setdefault(g.dtype, []).append(i)
+            else:
+                self.rest.append(i)
+        self.n = len(t.xs)
+        self.guard = LayoutGuard([u for s in _streams(t) for u in s])
+
+    def holds_for(self, t: StepTensors) -> bool:
+        return len(t.xs) == self.n and self.guard.check([u for s in _streams(t) for u in s])
+
+    def __reduce__(self):
+        # A copied or pickled workspace holds no partition: the next call makes one.
+        return (_nothing, ())
+
+
+def _nothing() -> None:
+    return None
+
+
+def _bump_versions(tensors: list) -> None:
+    """Autograd's view of a kernel's in-place writes: a graph that saved one of these
+    tensors raises at backward instead of using the new values."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # a torch whose increment_version takes one tensor
+        for u in tensors:
+            torch.autograd.graph.increment_version(u)
+
+
+def run_step(backend: str, t: StepTensors, h: StepHparams, e: StepExtras = StepExtras(),
+             workspace: Optional[dict] = None) -> None:
+    """One PILoT step of ``t`` (tensors of one device, one ``x`` dtype, one param group)
+    with the backend ``backend`` (a name or ``"auto"``), in place.
+
+    ``workspace`` is a dict the caller keeps for this set of tensors between calls (or
+    None): the partition and the backends' launch tables are cached in it, each
+    validated at every call against what it depends on.  See the module docstring for
+    what is done here once for all backends.
+    """
+    if not t.xs:
+        if e.l1_clear is not None:
+            e.l1_clear.zero_()
+        return
     device = t.xs[0].device
-    resolve_backend(backend, device)
-    e = e._replace(
-        grad_scale=None if e.grad_scale is None else e.grad_scale.to(device, non_blocking=True),
-        found_inf=None if e.found_inf is None else e.found_inf.to(device, non_blocking=True),
-    )
-    reference.pilot_step(t, h, e, workspace)
+    name = resolve_backend(backend, device)
+    if h.momentum == 0:
+        t = t._replace(momentum_ms=None, momentum_ws=None)
+    h, e = _place_scalars(h, e, device)
+    if name == "reference":
+        reference.pilot_step(t, h, e)
+        return
+    if workspace is None:
+        workspace = {}
+    part = workspace.get("partition")
+    if part is None or not part.holds_for(t):
+        part = workspace["partition"] = _Partition(t)
+    module = _module(name)
+    clear = e.l1_clear
+    for g_dtype, idx in part.parts.items():
+        sub = t if len(idx) == part.n else _pick(t, idx)
+        module.pilot_step(sub, h, e._replace(l1_clear=clear), workspace.setdefault((name, g_dtype), {}))
+        clear = None
+        _bump_versions([u for s in _streams(sub) for u in s])
+    if part.rest:
+        reference.pilot_step(_pick(t, part.rest), h, e._replace(l1_clear=clear))

@@ -13,22 +13,19 @@ state is fp32).  The extension is loaded on the first call:
 Importing this module never fails for lack of CUDA; calling :func:`pilot_step` without a
 CUDA build of torch or a CUDA toolkit raises a RuntimeError that names the fix.
 
-Tensors the kernel cannot walk (a layout outside :mod:`pilot_kernels.kernels.layout`'s
-contract, or a gradient whose dtype differs from its parameter's) are stepped by the
-reference backend in the same call, as the Triton backend does: results never depend on
-memory layout, only speed does.
+Per element the kernel reads ``x, g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``
+(44 bytes for fp32 with momentum; 40 with ``adopt_writes=False``, which does not read
+``x``), bit for bit the Triton kernel's and the reference's results.
 """
 from __future__ import annotations
 
 import importlib
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Optional
 
-import torch
-from torch import Tensor
-
-from . import cuda_build, reference
+from . import cuda_build, split_scalar
+from .api import StepExtras, StepHparams, StepTensors
 
 __all__ = ["pilot_step", "load_extension"]
 
@@ -62,86 +59,32 @@ def load_extension():
     return _EXT
 
 
-def _scalar_arg(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
-    """A hyperparameter as (value, device tensor): a device tensor is read by the kernel
-    (as fp32, like the reference's fp32 ops do); a CPU tensor is a host scalar (no sync)."""
-    if not isinstance(v, Tensor):
-        return float(v), None
-    if v.device.type == "cpu":
-        return float(v), None
-    return 0.0, v if v.dtype == torch.float32 else v.to(torch.float32)
+def pilot_step(t: StepTensors, h: StepHparams, e: StepExtras = StepExtras(),
+               workspace: Optional[dict] = None) -> None:
+    """One fused PILoT step of exactly ``t``; semantics:
+    :func:`pilot_kernels.kernels.reference.pilot_step`.
 
-
-def pilot_step(
-    xs: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    ms: Sequence[Tensor],
-    ws: Sequence[Tensor],
-    momentum_ms: Optional[Sequence[Tensor]],
-    momentum_ws: Optional[Sequence[Tensor]],
-    firsts: Sequence[bool],
-    *,
-    lr: Union[float, Tensor],
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    alpha: Union[float, Tensor],
-    weight_decay: float,
-    maximize: bool,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-    l1_accum: Optional[Tensor] = None,
-    l1_clear: Optional[Tensor] = None,
-    workspace: Optional[dict] = None,
-) -> None:
-    """One fused PILoT step; see :func:`pilot_kernels.kernels.reference.pilot_step`.
-
-    Every tensor of a call must be on one CUDA device; ``x`` is float32, bfloat16 or
-    float16 (one dtype per call), its gradient any of those, and ``m``, ``w`` and the
-    momentum buffers are float32, all with ``x``'s shape.  Entries the kernel cannot walk
-    (another layout than ``x``'s, or a gradient dtype other than ``x``'s) are stepped by
-    the reference in the same call.  The momentum lists are given exactly when
-    ``momentum != 0``.  ``grad_scale``/``found_inf``/``l1_*`` and a tensor
-    ``lr``/``alpha`` are 1-element float32 tensors on that device, read and written only
-    by the kernel.  ``workspace`` (a dict kept between calls) caches the kernel's table
-    on the device, so an unchanged set of tensors costs no upload and the step can be
-    captured in a CUDA graph after a warm-up step.
+    Takes what :func:`pilot_kernels.kernels.run_step` hands a kernel: CUDA tensors of one
+    device and one parameter dtype (float32, bfloat16 or float16), gradients of one dtype
+    (the parameters' or float32), ``m``, ``w`` and the momentum buffers float32, every
+    entry walkable (:mod:`pilot_kernels.kernels.layout`), and ``grad_scale``/``found_inf``/
+    ``l1_*`` and a tensor ``lr``/``alpha`` as 1-element float32 tensors on that device,
+    read and written only by the kernel.  The binding checks each of these
+    (``TORCH_CHECK``) before anything is written.  ``workspace`` (a dict kept between
+    calls) caches the kernel's table on the device, so an unchanged set of tensors costs
+    no upload and the step can be captured in a CUDA graph after a warm-up step.
     """
     ext = load_extension()
-    lr_value, lr_tensor = _scalar_arg(lr)
-    alpha_value, alpha_tensor = _scalar_arg(alpha)
-    slow = ext.pilot_step(
-        list(xs),
-        list(grads),
-        list(ms),
-        list(ws),
-        None if momentum_ms is None else list(momentum_ms),
-        None if momentum_ws is None else list(momentum_ws),
-        [bool(f) for f in firsts],
-        lr_value,
-        lr_tensor,
-        float(momentum),
-        float(dampening),
-        bool(nesterov),
-        alpha_value,
-        alpha_tensor,
-        float(weight_decay),
-        bool(maximize),
-        grad_scale,
-        found_inf,
-        l1_accum,
-        l1_clear,
-        workspace,
+    lr_value, lr_tensor = split_scalar(h.lr)
+    alpha_value, alpha_tensor = split_scalar(h.alpha)
+    has_momentum = h.momentum != 0
+    ext.pilot_step(
+        list(t.xs), list(t.grads), list(t.ms), list(t.ws),
+        list(t.momentum_ms) if has_momentum else None,
+        list(t.momentum_ws) if has_momentum else None,
+        [bool(f) for f in t.firsts],
+        lr_value, lr_tensor, float(h.momentum), float(h.dampening), bool(h.nesterov),
+        alpha_value, alpha_tensor, float(h.weight_decay), bool(h.maximize),
+        float(h.beta), bool(h.adopt_writes),
+        e.grad_scale, e.found_inf, e.l1_accum, e.l1_clear, workspace,
     )
-    if slow:
-        def pick(seq):
-            return None if seq is None else [seq[i] for i in slow]
-
-        # Same stream, after the kernel: the reference adds its part of Σ|m·w| to
-        # l1_accum; l1_clear has been cleared by the extension already.
-        reference.pilot_step(
-            pick(xs), pick(grads), pick(ms), pick(ws), pick(momentum_ms), pick(momentum_ws),
-            pick(firsts), lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            alpha=alpha, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-            found_inf=found_inf, l1_accum=l1_accum, l1_clear=None,
-        )

@@ -1,11 +1,15 @@
 """One-pass PILoT step in Triton: the reparameterized tensors of a (device, dtype, param
-group) in one launch (two or more only for unaligned views or mixed gradient dtypes).
+group, gradient dtype) in one launch (two only when some views are unaligned).
 
-Per element the kernel reads ``g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
-40 bytes for fp32 parameters with momentum (paper §3's update on both factors), against
-20 for fused dense SGD.  ``x`` is never read; it is recomputed as ``m·w``.  ``Σ|m·w|``
-is reduced per program and added with one atomic per program, so the L1 norm the α
-schedule needs costs no extra pass over memory.
+Per element the kernel reads ``x, g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
+44 bytes for fp32 parameters with momentum (paper §3's update on both factors), against
+20 for fused dense SGD.  ``x`` is read to adopt what was written into it since the last
+step (``adopt_writes``): an element whose bits differ from the ``fl(m·w)`` the last step
+wrote (recomputed from the old ``m``, ``w``, in x's dtype) is re-split from its current
+value exactly as :func:`pilot_kernels.init.split` does, and its momentum restarts
+(``b = d`` for that element).  With ``adopt_writes=False`` ``x`` is not read (40 bytes)
+and is recomputed as ``m·w``.  ``Σ|m·w|`` is reduced per program and added with one
+atomic per program, so the L1 norm the α schedule needs costs no extra pass over memory.
 
 Addressing.  Each stream (x, g, m, w, b_m, b_w) has a base pointer passed as a kernel
 argument, and the per-tensor table holds int64 *element offsets* from those bases.
@@ -22,9 +26,9 @@ tensor's last, partial block is masked.  ``benchmarks/inspect_kernels.py`` shows
 resulting SASS; ``tests/test_sass.py`` keeps it vectorized.
 
 Exactness.  Launched with FP contraction off (``enable_fp_fusion=False``) and IEEE
-division (``div_rn``), every value is one fp32 torch op of the reference, rounded once,
-in the reference's order, so a GPU must agree with the reference bit for bit, as the
-CPU interpreter does (the ``gpu``-marked tests compare exactly; ``tests/test_sass.py``
+division and square root (``div_rn``, ``sqrt_rn``), every value is one fp32 torch op of
+the reference, rounded once, in the reference's order, so a GPU must agree with the
+reference bit for bit, as the CPU interpreter does (the ``gpu``-marked tests compare exactly; ``tests/test_sass.py``
 checks the PTX for ``fma`` and approximate division).
 
 Layout follows Liger-Kernel's ops: constants → ``@triton.jit`` kernels → launcher →
@@ -32,20 +36,20 @@ public wrapper (``pilot_step``, the backend interface of :mod:`pilot_kernels.ker
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from itertools import chain
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
-from .layout import ALIGNMENT, LayoutGuard, walkable
+from .api import StepExtras, StepHparams, StepTensors
+from .layout import ALIGNMENT, walkable
 
 # ----------------------------------------------------------------------- constants
-# Elements per program.  The step is memory bound (40 B/element); 2048 fp32 elements
+# Elements per program.  The step is memory bound (44 B/element); 2048 fp32 elements
 # with 8 warps give each thread 8 elements per stream: two 4-element vector accesses
 # (16 bytes each for fp32).
 # These values have not yet been tuned by measurement on a GPU.
@@ -62,6 +66,14 @@ ROW = tl.constexpr(len(COLUMNS))
 _X, _G, _M, _W, _BM, _BW, _NUMEL, _BLOCK_BEGIN, _FIRST = (tl.constexpr(i) for i in range(len(COLUMNS)))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# init.split's constants: above HUGE, 4x² would overflow and m comes from hypot(β/2, x);
+# FLT_MAX bounds the finite m the nudges move.
+HUGE = tl.constexpr(2.0**60)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# For β/2 below 2^-13·HUGE, hypot(β/2, x) rounds to |x| for every |x| > HUGE, so the
+# kernel uses |x| there; a larger β (never a PILoT setting) is refused.
+MAX_BETA = 2.0**47
 
 # Launch options: no FMA contraction, so each multiply and add rounds like torch's.
 LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
@@ -107,11 +119,72 @@ def _store(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """fp32 → the parameter dtype, rounded to nearest even as torch's ``.to`` does."""
+    if dtype == tl.bfloat16:
+        return _round_to_bf16_rne(v)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _bits(v):
+    """The bit pattern of ``v`` as an integer of its width (for exact comparison)."""
+    if v.dtype == tl.float32:
+        return v.to(tl.int32, bitcast=True)
+    else:
+        return v.to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _w_of(x, m, beta_zero: tl.constexpr):
+    """:func:`pilot_kernels.init._w_from_m`: ``sign(x)·m`` for β = 0, else ``x / m``."""
+    if beta_zero:
+        return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)) * m   # torch.sign (NaN → 0)
+    else:
+        return tl.math.div_rn(x, m)
+
+
+@triton.jit
+def _nudged(m, mw_exact, m_best, w_best, x, k: tl.constexpr, beta_zero: tl.constexpr):
+    """One nudge of :func:`pilot_kernels.init.split`: ``m`` moved by ``k`` fp32 ulps,
+    taken where no earlier candidate multiplied back to ``x`` and this one does."""
+    moved = (m.to(tl.int32, bitcast=True) + k).to(tl.float32, bitcast=True)
+    mk = tl.where((m > 0) & (m <= FLT_MAX), moved, m)
+    wk = _w_of(x, mk, beta_zero)
+    take = (mw_exact == 0) & (mk * wk == x)
+    return tl.where(take, mk, m_best), tl.where(take, wk, w_best), mw_exact | take
+
+
+@triton.jit
+def _split(x, beta, beta_sq, half_beta, BETA_ZERO: tl.constexpr):
+    """:func:`pilot_kernels.init.split` of fp32 ``x``, the same fp32 ops in its order:
+    the closed form (β = 0: ``m = sqrt|x|``; |x| > 2^60: ``sqrt(β/2 + hypot(β/2, x))``,
+    where hypot is |x| exactly for the β the launcher admits), then the nudges of m by
+    +1, −1, +2, −2 ulps."""
+    if BETA_ZERO:
+        m = tl.math.sqrt_rn(tl.abs(x))
+    else:
+        root = tl.math.sqrt_rn(beta_sq + 4.0 * x * x)
+        m = tl.math.sqrt_rn((beta + root) * 0.5)
+        m = tl.where(tl.abs(x) > HUGE, tl.math.sqrt_rn(half_beta + tl.abs(x)), m)
+    w = _w_of(x, m, BETA_ZERO)
+    exact = m * w == x
+    m_best, w_best = m, w
+    m_best, w_best, exact = _nudged(m, exact, m_best, w_best, x, 1, BETA_ZERO)
+    m_best, w_best, exact = _nudged(m, exact, m_best, w_best, x, -1, BETA_ZERO)
+    m_best, w_best, exact = _nudged(m, exact, m_best, w_best, x, 2, BETA_ZERO)
+    m_best, w_best, exact = _nudged(m, exact, m_best, w_best, x, -2, BETA_ZERO)
+    return m_best, w_best
+
+
+@triton.jit
 def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first, scale,
                   lr, momentum, one_minus_dampening, two_alpha, weight_decay,
+                  beta, beta_sq, half_beta,
                   HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                   HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  ADOPT_WRITES: tl.constexpr, BETA_ZERO: tl.constexpr, MASKED: tl.constexpr):
     """One block of the update; returns its ``Σ|m·w|``.  Each line is one fp32 op of
     :func:`pilot_kernels.kernels.reference.pilot_step`, in the same order.  With
     ``MASKED``, only lanes in ``mask`` are read and written, and none when ``skip``
@@ -119,9 +192,21 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, 
     read = mask
     if MASKED:
         mask = mask & (skip == 0)   # lanes written
-    g = _load(g_ptrs, read, MASKED).to(tl.float32)
     m = _load(m_ptrs, read, MASKED)
     w = _load(w_ptrs, read, MASKED)
+    m0 = m
+    w0 = w
+    if ADOPT_WRITES:                       # (0) keep what was written into x since
+        x_dtype: tl.constexpr = x_ptrs.dtype.element_ty
+        x_in = _load(x_ptrs, read, MASKED)
+        fresh = _bits(x_in) != _bits(_rounded(m * w, x_dtype))
+        first = first | fresh              # a written element's momentum restarts
+        # Branch-free, before g and the buffers are loaded: a branch on "any lane
+        # written" costs more registers than the re-split (docs/kernels.md).
+        m_split, w_split = _split(x_in.to(tl.float32), beta, beta_sq, half_beta, BETA_ZERO)
+        m = tl.where(fresh, m_split, m)
+        w = tl.where(fresh, w_split, w)
+    g = _load(g_ptrs, read, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.math.div_rn(g, scale)        # IEEE division; `/` is approximate on GPUs
     if MAXIMIZE:
@@ -148,14 +233,10 @@ def _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, 
     _store(m_ptrs, new_m, mask, MASKED)
     _store(w_ptrs, new_w, mask, MASKED)
     x = new_m * new_w
-    if x_ptrs.dtype.element_ty == tl.bfloat16:
-        x_out = _round_to_bf16_rne(x)
-    else:
-        x_out = x.to(x_ptrs.dtype.element_ty)
-    _store(x_ptrs, x_out, mask, MASKED)
+    _store(x_ptrs, _rounded(x, x_ptrs.dtype.element_ty), mask, MASKED)
     if MASKED:
         # Skipped: the unchanged m·w; lanes past the end (computed from zeros): nothing.
-        l1 = tl.where(read, tl.abs(tl.where(skip, m * w, x)), 0.0)
+        l1 = tl.where(read, tl.abs(tl.where(skip, m0 * w0, x)), 0.0)
     else:
         l1 = tl.abs(x)
     return tl.sum(l1, axis=0)
@@ -180,6 +261,9 @@ def _pilot_step_kernel(
     one_minus_dampening,
     alpha,                # float, or a pointer to it when ALPHA_ON_DEVICE
     weight_decay,
+    beta,                 # the re-split's β, β² and β/2, each rounded to fp32 once
+    beta_sq,
+    half_beta,
     LR_ON_DEVICE: tl.constexpr,
     ALPHA_ON_DEVICE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -189,6 +273,8 @@ def _pilot_step_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     CLEAR_L1: tl.constexpr,
+    ADOPT_WRITES: tl.constexpr,   # read x; re-split the elements written since the last step
+    BETA_ZERO: tl.constexpr,
     ALIGNED: tl.constexpr,        # every pointer of every tensor is 16-byte aligned
     SEARCH_STEPS: tl.constexpr,   # ≥ ceil(log2(n_tensors)) + 1
     BLOCK: tl.constexpr,
@@ -265,12 +351,16 @@ def _pilot_step_kernel(
     if full:   # a full block: no masks, so the accesses can be vectors
         l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first,
                            scale, lr, momentum, one_minus_dampening, two_alpha, weight_decay,
+                           beta, beta_sq, half_beta,
                            HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
+                           ADOPT_WRITES, BETA_ZERO,
                            MASKED=False)
     else:      # the tensor's last, partial block, or a skipped step
         l1 = _update_block(x_ptrs, g_ptrs, m_ptrs, w_ptrs, bm_ptrs, bw_ptrs, mask, skip, first,
                            scale, lr, momentum, one_minus_dampening, two_alpha, weight_decay,
+                           beta, beta_sq, half_beta,
                            HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
+                           ADOPT_WRITES, BETA_ZERO,
                            MASKED=True)
     tl.atomic_add(l1_accum_ptr, l1, sem="relaxed")
     if CLEAR_L1:
@@ -281,7 +371,7 @@ def _pilot_step_kernel(
 # ----------------------------------------------------------------------- launcher
 @dataclass
 class _Launch:
-    """One launch of the kernel: tensors sharing a gradient dtype and an alignment."""
+    """One launch of the kernel: the tensors of one alignment."""
 
     bases: tuple[int, ...]   # per stream, the index of the tensor whose pointer is the base
     aligned: bool
@@ -292,49 +382,39 @@ class _Launch:
 
 
 _data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+
+
+def _streams(t: StepTensors) -> tuple:
+    return (t.xs, t.grads, t.ms, t.ws) + ((t.momentum_ms, t.momentum_ws) if t.momentum_ms is not None else ())
+
+
+def _pointers(streams) -> tuple:
+    return tuple(map(_data_ptr, chain.from_iterable(streams)))
 
 
 @dataclass(eq=False)
 class _Plan:
-    """What one call needs besides the hyperparameters: the launches, and the tensors
-    the reference steps instead (layouts the kernel cannot walk).  Kept in the caller's
+    """The launches of one call (tables on the device, grids), kept in the caller's
     workspace and reused while :meth:`reusable` holds."""
 
     launches: list[_Launch]
-    slow: list[int]
     momentum: bool
-    firsts: list[bool]
-    xs: tuple                 # the tensors themselves (identity is part of the key)
-    state: tuple              # (ms, ws[, bms, bws]) likewise
-    x_ptrs: tuple             # data_ptr of every x
-    g_ptrs: tuple             # data_ptr of every gradient
-    layout: LayoutGuard       # shapes, strides, dtypes of every x and gradient
+    firsts: tuple
+    pointers: tuple           # data_ptr of every tensor of every stream
+    numels: tuple
 
-    def reusable(self, xs, grads, ms, ws, bms, bws, firsts, xs_fixed: bool = False) -> bool:
-        """True when everything the kernel reads is where and what it was: the same
-        x and state tensors (the plan holds them, so a replaced one can never reuse
-        an address), every x and gradient at the same address with the same shape,
-        strides and dtype, momentum on/off and the first-step flags.
-
-        Two shortcuts, both exact: ``xs`` passed as the very tuple the plan was built
-        from (a tuple cannot change, and the plan keeps it alive) is not compared
-        tensor by tensor; with ``xs_fixed`` (the caller's word that no x moved since
-        the last call, see :func:`pilot_step`) the addresses of the x are not read.
-        Their shapes and strides are always compared: a ``.data`` swap to a view at the
-        same address moves neither address nor version counter.  ~0.3 µs per tensor on
-        a cache hit (ResNet-50's 54 split tensors: see docs/kernels.md)."""
-        n = len(self.xs)
-        if xs is not self.xs and (len(xs) != n or not all(map(operator.is_, xs, self.xs))):
-            return False
-        if self.momentum != (bms is not None) or len(grads) != n or self.firsts != list(firsts):
-            return False
-        for s, t in zip((ms, ws, bms, bws) if bms is not None else (ms, ws), self.state):
-            if len(s) != n or not all(map(operator.is_, s, t)):
-                return False
+    def reusable(self, t: StepTensors) -> bool:
+        """True when everything the tables hold is still so: every tensor of every stream
+        at the same address (``p.data = other`` moves x's), every size, momentum on/off
+        and the first-step flags.  The kernel reads nothing else from the tables (dtypes
+        and base pointers are launch arguments)."""
+        streams = _streams(t)
         return (
-            (xs_fixed or self.x_ptrs == tuple(map(_data_ptr, xs)))
-            and self.g_ptrs == tuple(map(_data_ptr, grads))
-            and self.layout.check((*xs, *grads))
+            self.momentum == (len(streams) == 6)
+            and self.firsts == tuple(t.firsts)
+            and self.numels == tuple(map(_numel, t.xs))
+            and self.pointers == _pointers(streams)
         )
 
     def __reduce__(self):
@@ -346,41 +426,42 @@ def _no_plan() -> None:
     return None
 
 
-def _check_dtypes(dtype, xs, grads, ms, ws, bms, bws) -> None:
-    """Refuse, naming the fix, what no kernel (and no reference) may misread."""
-    for i, (x, g) in enumerate(zip(xs, grads)):
-        if x.dtype != dtype:
-            raise TypeError(f"xs[{i}] has dtype {x.dtype} but xs[0] has {dtype}; call the Triton "
-                            "backend once per parameter dtype (the optimizer groups tensors so)")
-        if g.dtype not in DTYPES:
-            raise TypeError(f"grads[{i}] has dtype {g.dtype}; the Triton backend reads float32, "
-                            "bfloat16 or float16 gradients")
-        if g.shape != x.shape:
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but xs[{i}] has "
-                             f"{tuple(x.shape)}; a gradient must have its parameter's shape")
-    for name, seq in (("ms", ms), ("ws", ws), ("momentum_ms", bms), ("momentum_ws", bws)):
-        for i, t in enumerate(seq or ()):
-            if t.dtype != torch.float32 or t.shape != xs[i].shape:
-                raise TypeError(f"{name}[{i}] is {t.dtype} {tuple(t.shape)}; PILoT state must be "
-                                f"float32 with the parameter's shape {tuple(xs[i].shape)}")
+def _check(t: StepTensors, h: StepHparams) -> None:
+    """Refuse, naming the fix, what this kernel cannot step; nothing is written yet."""
+    dtype = t.xs[0].dtype
+    if dtype not in DTYPES:
+        raise TypeError(f"the Triton backend takes float32, bfloat16 or float16 parameters, got {dtype}")
+    if h.adopt_writes and not 0 <= h.beta <= MAX_BETA:
+        raise ValueError(f"beta must be in [0, {MAX_BETA:g}] for the Triton backend's re-split, got "
+                         f"{h.beta}; use backend='reference' for a larger one")
+    g_dtype = t.grads[0].dtype
+    for i, (x, g) in enumerate(zip(t.xs, t.grads)):
+        if x.dtype != dtype or g.dtype != g_dtype or g_dtype not in (dtype, torch.float32):
+            raise TypeError(f"xs[{i}]/grads[{i}] are {x.dtype}/{g.dtype} but xs[0]/grads[0] are "
+                            f"{dtype}/{g_dtype}; call through pilot_kernels.kernels.run_step, which "
+                            "hands each kernel call one parameter and one gradient dtype")
+    for name, seq in (("ms", t.ms), ("ws", t.ws), ("momentum_ms", t.momentum_ms), ("momentum_ws", t.momentum_ws)):
+        for i, u in enumerate(seq or ()):
+            if u.dtype != torch.float32:
+                raise TypeError(f"{name}[{i}] is {u.dtype}; PILoT state must be float32")
+    for i, tensors in enumerate(zip(*_streams(t))):
+        if not walkable(*tensors):
+            raise ValueError(f"entry {i} has a layout the kernel cannot walk (see "
+                             "pilot_kernels.kernels.layout); call through "
+                             "pilot_kernels.kernels.run_step, which steps it with the reference")
 
 
-def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
-    has_momentum = bms is not None
-    streams = (xs, grads, ms, ws) + ((bms, bws) if has_momentum else ())
-    groups: dict[tuple, list[int]] = {}
-    slow = []
-    for i, x in enumerate(xs):
+def _make_plan(t: StepTensors) -> _Plan:
+    streams = _streams(t)
+    has_momentum = len(streams) == 6
+    groups: dict[bool, list[int]] = {}
+    for i, x in enumerate(t.xs):
         if x.numel() == 0:
             continue
-        tensors = [s[i] for s in streams]
-        if not walkable(*tensors):
-            slow.append(i)
-            continue
-        aligned = all(t.data_ptr() % ALIGNMENT == 0 for t in tensors)
-        groups.setdefault((grads[i].dtype, aligned), []).append(i)
+        aligned = all(s[i].data_ptr() % ALIGNMENT == 0 for s in streams)
+        groups.setdefault(aligned, []).append(i)
 
-    device = xs[0].device
+    device = t.xs[0].device
     if groups and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "PILoT cannot upload its kernel table while a CUDA graph is being captured: run a "
@@ -388,7 +469,7 @@ def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
             "allocated across steps (opt.zero_grad(set_to_none=False))"
         )
     launches = []
-    for (_, aligned), idx in groups.items():
+    for aligned, idx in groups.items():
         # The base of a stream is its lowest address, so every offset is >= 0; the
         # difference of two pointers of one dtype is a whole number of elements.
         bases = tuple(min(idx, key=lambda i: s[i].data_ptr()) for s in streams)
@@ -398,151 +479,97 @@ def _make_plan(xs, grads, ms, ws, bms, bws, firsts) -> _Plan:
                        for s, b in zip(streams, bases)]
             if not has_momentum:
                 offsets += [0, 0]
-            numel = xs[i].numel()
-            rows.append((*offsets, numel, n_blocks, int(firsts[i])))
+            numel = t.xs[i].numel()
+            rows.append((*offsets, numel, n_blocks, int(t.firsts[i])))
             n_blocks += triton.cdiv(numel, BLOCK_SIZE)
         host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         table = host.to(device, non_blocking=True)
         launches.append(_Launch(bases, aligned, len(rows), n_blocks, table, host))
-    return _Plan(launches, slow, has_momentum, list(firsts), tuple(xs), tuple(tuple(s) for s in streams[2:]),
-                 tuple(map(_data_ptr, xs)), tuple(map(_data_ptr, grads)), LayoutGuard((*xs, *grads)))
+    return _Plan(launches, has_momentum, tuple(t.firsts), _pointers(streams), tuple(map(_numel, t.xs)))
 
 
-def _scalar_arg(v, device: torch.device):
-    """A hyperparameter as the kernel takes it: a float, or an fp32 tensor on the
-    parameters' device that the kernel reads (capturable mode; no host sync).  A tensor
-    elsewhere (a CPU scalar) is read on the host, as torch reads a CPU scalar tensor."""
-    if not isinstance(v, Tensor):
-        return float(v), False
-    if v.device != device:
-        return float(v), False
-    return (v if v.dtype == torch.float32 else v.to(torch.float32)), True
+def _scalar_arg(v) -> tuple:
+    """A hyperparameter as the kernel takes it: a float, or a 0-dim fp32 tensor on the
+    parameters' device (the dispatcher put it there) that the kernel reads."""
+    return (v, True) if isinstance(v, Tensor) else (float(v), False)
 
 
-def _launch(plan: _Plan, xs, grads, ms, ws, bms, bws, *, lr, momentum, dampening, nesterov,
-            alpha, weight_decay, maximize, grad_scale, found_inf, l1_accum, l1_clear) -> None:
-    device = xs[0].device
-    lr, lr_on_device = _scalar_arg(lr, device)
-    alpha, alpha_on_device = _scalar_arg(alpha, device)
-    has_momentum = bms is not None
-    if l1_clear is not None and l1_clear.data_ptr() == l1_accum.data_ptr():
+def _launch(plan: _Plan, t: StepTensors, h: StepHparams, e: StepExtras) -> None:
+    lr, lr_on_device = _scalar_arg(h.lr)
+    alpha, alpha_on_device = _scalar_arg(h.alpha)
+    l1_accum, l1_clear = e.l1_accum, e.l1_clear
+    if l1_accum is None:  # the kernel always reduces; give it somewhere to write
+        l1_accum = torch.zeros((), dtype=torch.float32, device=t.xs[0].device)
+    elif l1_clear is not None and l1_clear.data_ptr() == l1_accum.data_ptr():
         l1_clear.zero_()  # one slot for both: clear first, then add (as the reference)
         l1_clear = None
-    streams = (xs, grads, ms, ws) + ((bms, bws) if has_momentum else ())
+    streams = _streams(t)
+    beta = float(h.beta)
     for k, launch in enumerate(plan.launches):
         bases = [s[b] for s, b in zip(streams, launch.bases)]
-        if not has_momentum:
+        if not plan.momentum:
             bases += bases[2:4]  # unused pointers
         clear = l1_clear if k == 0 else None
         _pilot_step_kernel[(launch.n_blocks,)](
             launch.table,
             launch.n_rows,
             *bases,
-            grad_scale if grad_scale is not None else l1_accum,   # any pointer when unused
-            found_inf if found_inf is not None else l1_accum,
+            e.grad_scale if e.grad_scale is not None else l1_accum,   # any pointer when unused
+            e.found_inf if e.found_inf is not None else l1_accum,
             l1_accum,
             clear if clear is not None else l1_accum,
             lr,
-            float(momentum),
-            1.0 - float(dampening),
+            float(h.momentum),
+            1.0 - float(h.dampening),
             alpha,
-            float(weight_decay),
+            float(h.weight_decay),
+            beta,
+            beta * beta,
+            beta * 0.5,
             LR_ON_DEVICE=lr_on_device,
             ALPHA_ON_DEVICE=alpha_on_device,
-            HAS_MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize),
-            HAS_WEIGHT_DECAY=weight_decay != 0,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
+            HAS_MOMENTUM=plan.momentum,
+            NESTEROV=bool(h.nesterov),
+            MAXIMIZE=bool(h.maximize),
+            HAS_WEIGHT_DECAY=h.weight_decay != 0,
+            HAS_GRAD_SCALE=e.grad_scale is not None,
+            HAS_FOUND_INF=e.found_inf is not None,
             CLEAR_L1=clear is not None,
+            ADOPT_WRITES=bool(h.adopt_writes),
+            BETA_ZERO=beta == 0,
             ALIGNED=launch.aligned,
             SEARCH_STEPS=max(1, launch.n_rows.bit_length()),
             BLOCK=BLOCK_SIZE,
             **LAUNCH_OPTIONS,
         )
-
-
-def _bump_versions(tensors: Sequence[Tensor]) -> None:
-    try:
-        torch._C._increment_version(tensors if isinstance(tensors, (list, tuple)) else list(tensors))
-    except TypeError:  # an older torch takes one tensor at a time
-        for t in tensors:
-            torch._C._increment_version(t)
+    if not plan.launches and l1_clear is not None:
+        l1_clear.zero_()
 
 
 # ----------------------------------------------------------------------- public
-def pilot_step(
-    xs: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    ms: Sequence[Tensor],
-    ws: Sequence[Tensor],
-    momentum_ms: Optional[Sequence[Tensor]],
-    momentum_ws: Optional[Sequence[Tensor]],
-    firsts: Sequence[bool],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    alpha: float,
-    weight_decay: float,
-    maximize: bool,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-    l1_accum: Optional[Tensor] = None,
-    l1_clear: Optional[Tensor] = None,
-    workspace: Optional[dict] = None,
-) -> None:
-    """Fused PILoT step; same contract as :func:`pilot_kernels.kernels.reference.pilot_step`.
+def pilot_step(t: StepTensors, h: StepHparams, e: StepExtras = StepExtras(),
+               workspace: Optional[dict] = None) -> None:
+    """Fused PILoT step of exactly ``t`` (the backend interface of
+    :mod:`pilot_kernels.kernels`; semantics: :func:`pilot_kernels.kernels.reference.pilot_step`).
 
-    A gradient may have another float dtype than its parameter (torch's ``grad_dtype``,
-    e.g. fp32 gradients of bf16 weights); it is read in its own dtype.  Tensors whose
-    storage the kernel cannot walk (see :mod:`pilot_kernels.kernels.layout`) take the
-    reference path instead, so results never depend on memory layout.  With a
-    ``workspace`` the launch plan (layout checks, kernel tables, grids) is kept and
-    reused while nothing it depends on changes (:meth:`_Plan.reusable`).
-    ``workspace["xs_fixed"] = True`` is the caller's word that every ``x`` it passes
-    with that workspace is at the address it had in every earlier call (the optimizer
-    checks this for its own workspaces before each call): the plan then does not read
-    the addresses of the ``x`` again.
+    Takes what :func:`pilot_kernels.kernels.run_step` hands a kernel: tensors of one
+    device, one parameter dtype and one gradient dtype (x's or float32), every entry
+    walkable (:mod:`pilot_kernels.kernels.layout`), scalar tensors on the device.  With a
+    ``workspace`` the launch plan (kernel tables, grids) is kept and reused while
+    :meth:`_Plan.reusable` holds; the version counters are the dispatcher's to bump.
     """
-    if not xs:
-        if l1_clear is not None:
-            l1_clear.zero_()
+    if not t.xs:
+        if e.l1_clear is not None:
+            e.l1_clear.zero_()
         return
-    dtype = xs[0].dtype
-    if dtype not in DTYPES:
-        raise TypeError(f"the Triton backend takes float32, bfloat16 or float16 parameters, got {dtype}")
-    if momentum == 0:
-        momentum_ms = momentum_ws = None
+    if h.momentum == 0:
+        t = t._replace(momentum_ms=None, momentum_ws=None)
     plan = workspace.get("plan") if workspace is not None else None
-    if plan is None or not plan.reusable(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
-                                         workspace.get("xs_fixed", False)):
-        _check_dtypes(dtype, xs, grads, ms, ws, momentum_ms, momentum_ws)
-        plan = _make_plan(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts)
+    if plan is None or not plan.reusable(t):
+        _check(t, h)
+        plan = _make_plan(t)
         if workspace is not None:
             workspace["plan"] = plan
-
-    if l1_accum is None:  # the kernel always reduces; give it somewhere to write
-        l1_accum = torch.zeros((), dtype=torch.float32, device=xs[0].device)
-    if plan.launches:
-        _launch(plan, xs, grads, ms, ws, momentum_ms, momentum_ws, lr=lr, momentum=momentum,
-                dampening=dampening, nesterov=nesterov, alpha=alpha, weight_decay=weight_decay,
-                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, l1_accum=l1_accum,
-                l1_clear=l1_clear)
-        # Autograd's view of the kernel's writes to x, as the reference's copy_ and
-        # torch's fused optimizers give it: a graph that saved x raises at backward
-        # instead of using the new values.  (m, w and the momentum buffers are the
-        # optimizer's own.)  ~55 ns per tensor.
-        _bump_versions(xs)
-    if plan.slow or not plan.launches:
-        def pick(seq):
-            return [seq[i] for i in plan.slow] if seq is not None else None
-
-        reference.pilot_step(pick(xs), pick(grads), pick(ms), pick(ws), pick(momentum_ms),
-                             pick(momentum_ws), pick(firsts), lr=lr, momentum=momentum,
-                             dampening=dampening, nesterov=nesterov, alpha=alpha,
-                             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-                             found_inf=found_inf, l1_accum=l1_accum,
-                             l1_clear=None if plan.launches else l1_clear)
+    elif h.adopt_writes and not 0 <= h.beta <= MAX_BETA:
+        _check(t, h)
+    _launch(plan, t, h, e)

@@ -81,6 +81,7 @@ class TritonVariant:
     capturable: bool            # lr and alpha read from device memory
     grad_dtype: Optional[str] = None   # None: the parameter's dtype
     aligned: bool = True        # False: the fallback for views that are not 16-byte aligned
+    adopt: bool = True          # adopt_writes: x is read (False: the 40 B/element kernel)
 
     @property
     def grad(self) -> str:
@@ -97,29 +98,36 @@ class TritonVariant:
             parts.append("capturable")
         if not self.aligned:
             parts.append("unaligned")
+        if not self.adopt:
+            parts.append("noadopt")
         return "-".join(parts)
 
     def streams(self) -> tuple[list[int], list[int]]:
         """Bytes per element of each stream read and each stream written."""
         state = [4, 4] + ([4, 4] if self.momentum else [])
-        return [_BYTES[self.grad]] + state, state + [_BYTES[self.dtype]]
+        x_read = [_BYTES[self.dtype]] if self.adopt else []
+        return x_read + [_BYTES[self.grad]] + state, state + [_BYTES[self.dtype]]
 
 
 @dataclass(frozen=True)
 class CudaVariant:
-    """One template instantiation of ``pilot_step_kernel<T, kMomentum>`` (AMP and
-    capturable mode are runtime arguments of the same kernel)."""
+    """One template instantiation of ``pilot_step_kernel<T, G, kMomentum>`` (AMP,
+    capturable mode and adopt_writes are runtime arguments of the same kernel; its
+    vector loop has the x read of adopt_writes)."""
 
     dtype: str
     momentum: bool
+    grad_dtype: Optional[str] = None   # None: the parameter's dtype
 
     @property
     def name(self) -> str:
-        return f"{self.dtype}-{'mom' if self.momentum else 'nomom'}"
+        grad = f"-grad{self.grad_dtype}" if self.grad_dtype and self.grad_dtype != self.dtype else ""
+        return f"{self.dtype}-{'mom' if self.momentum else 'nomom'}{grad}"
 
     def streams(self) -> tuple[list[int], list[int]]:
         state = [4, 4] + ([4, 4] if self.momentum else [])
-        return [_BYTES[self.dtype]] + state, state + [_BYTES[self.dtype]]
+        grad = _BYTES[self.grad_dtype or self.dtype]
+        return [_BYTES[self.dtype], grad] + state, state + [_BYTES[self.dtype]]
 
 
 def triton_variants(extra: bool = False) -> list[TritonVariant]:
@@ -129,12 +137,15 @@ def triton_variants(extra: bool = False) -> list[TritonVariant]:
            for mom in (True, False) for amp in (False, True) for cap in (False, True)]
     if extra:
         out += [TritonVariant("bf16", True, False, False, grad_dtype="fp32"),
-                TritonVariant("fp32", True, False, False, aligned=False)]
+                TritonVariant("fp32", True, False, False, aligned=False),
+                TritonVariant("fp32", True, False, False, adopt=False)]
     return out
 
 
 def cuda_variants() -> list[CudaVariant]:
-    return [CudaVariant(d, mom) for d in ("fp32", "bf16", "fp16") for mom in (True, False)]
+    return [CudaVariant(d, mom, g) for d, g in (("fp32", None), ("bf16", None), ("bf16", "fp32"),
+                                                ("fp16", None), ("fp16", "fp32"))
+            for mom in (True, False)]
 
 
 # ----------------------------------------------------------------------- tools
@@ -340,7 +351,8 @@ def _triton_source(module, v: TritonVariant):
     constexprs = dict(
         LR_ON_DEVICE=v.capturable, ALPHA_ON_DEVICE=v.capturable, HAS_MOMENTUM=v.momentum,
         NESTEROV=False, MAXIMIZE=False, HAS_WEIGHT_DECAY=True, HAS_GRAD_SCALE=v.amp,
-        HAS_FOUND_INF=v.amp, CLEAR_L1=not v.capturable, ALIGNED=v.aligned, SEARCH_STEPS=6,
+        HAS_FOUND_INF=v.amp, CLEAR_L1=not v.capturable, ADOPT_WRITES=v.adopt, BETA_ZERO=False,
+        ALIGNED=v.aligned, SEARCH_STEPS=6,
         BLOCK=module.BLOCK_SIZE, ROW=getattr(module, "ROW", None),
         X_DTYPE=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[v.dtype]),
     )
@@ -411,8 +423,13 @@ _CUDA_TYPES = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16"}
 
 
 def _cuda_variant_of(mangled: str) -> Optional[CudaVariant]:
-    m = re.search(r"pilot_step_kernelI(f|13__nv_bfloat16|6__half)Lb([01])E", mangled)
-    return CudaVariant(_CUDA_TYPES[m.group(1)], m.group(2) == "1") if m else None
+    # A repeated class type is mangled as a back-reference (S2_): the gradient is x's dtype.
+    m = re.search(r"pilot_step_kernelI(f|13__nv_bfloat16|6__half)(f|S\d*_)Lb([01])E", mangled)
+    if not m:
+        return None
+    dtype = _CUDA_TYPES[m.group(1)]
+    grad = "fp32" if m.group(2) == "f" else dtype
+    return CudaVariant(dtype, m.group(3) == "1", None if grad == dtype else grad)
 
 
 def inspect_cuda(archs: Iterable[int], out_dir: Path, nvcc: Optional[str] = None,

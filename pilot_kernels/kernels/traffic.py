@@ -2,16 +2,18 @@
 
 Each input is read once and each output written once; nothing else counts.  Per element:
 
-* ``"pilot"`` (a reparameterized tensor, paper §3): read ``g``, ``m``, ``w`` and, with
-  momentum, ``b_m``, ``b_w``; write ``m``, ``w``, ``b_m``, ``b_w`` and ``x``.  ``x`` is
-  recomputed as ``m·w``, never read.  ``g`` and ``x`` are in the parameter's dtype, the
-  rest fp32: 4 + 2·16 + 4 = **40 B** for fp32 with momentum, 36 for bf16/fp16.
+* ``"pilot"`` (a reparameterized tensor, paper §3): read ``x``, ``g``, ``m``, ``w`` and,
+  with momentum, ``b_m``, ``b_w``; write ``m``, ``w``, ``b_m``, ``b_w`` and ``x``.  ``x``
+  is read to adopt what was written into it since the last step (``adopt_writes``; with
+  ``adopt_writes=False`` it is not read: 4 B less).  ``g`` and ``x`` are in the
+  parameter's dtype, the rest fp32: 4 + 4 + 2·16 + 4 = **44 B** for fp32 with momentum
+  (40 without adoption), 38 for bf16/fp16.
 * ``"sgd"`` (``torch.optim.SGD``, fused or foreach): read ``g``; read and write ``p``
   and, with momentum, its buffer, all in the parameter's dtype: **20 B** for fp32.
 * ``"copy"`` (``dst.copy_(src)``): read and write one element: **8 B** for fp32.
 
-A PILoT step moves twice SGD's bytes, so on a memory-bound device it cannot take less
-than twice SGD's time; the benchmarks report achieved bytes per second against these
+A PILoT step moves 2.2x SGD's bytes (2x without adoption), so on a memory-bound device
+it cannot take less than that multiple of SGD's time; the benchmarks report achieved bytes per second against these
 counts and against a ``copy_`` measured in the same run.
 """
 from __future__ import annotations
@@ -29,12 +31,13 @@ ALGORITHMS = ("pilot", "sgd", "copy")
 _STATE_ITEMSIZE = 4
 
 
-def bytes_per_element(algorithm: str, dtype: torch.dtype = torch.float32, momentum: bool = True) -> int:
+def bytes_per_element(algorithm: str, dtype: torch.dtype = torch.float32, momentum: bool = True,
+                      adopt_writes: bool = True) -> int:
     """Fewest bytes one step of ``algorithm`` moves per element of a ``dtype`` parameter."""
     s = dtype.itemsize
     if algorithm == "pilot":
         n_state = 4 if momentum else 2
-        return s + 2 * n_state * _STATE_ITEMSIZE + s
+        return (s if adopt_writes else 0) + s + 2 * n_state * _STATE_ITEMSIZE + s
     if algorithm == "sgd":
         return s + 2 * s + (2 * s if momentum else 0)
     if algorithm == "copy":
