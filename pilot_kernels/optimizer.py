@@ -23,7 +23,7 @@ from torch.optim.sgd import sgd as _sgd_functional
 from .dtensor import DTensor, all_reduce_over_shards_, shard_groups
 from .dtensor import local as _local
 from .init import split, splits_by_default
-from .kernels import check_backend_name, run_step
+from .kernels import check_backend_name, run_step, split_scalar
 from .kernels.api import StepExtras, StepHparams, StepTensors
 
 __all__ = ["PILoT", "pilot"]
@@ -864,15 +864,19 @@ def pilot(
     """
     if not xs:
         return
-    t = StepTensors(xs, grads, ms, ws, momentum_ms if momentum != 0 else None,
-                    momentum_ws if momentum != 0 else None, firsts)
-    h = StepHparams(lr, momentum, dampening, nesterov, alpha, beta, weight_decay, maximize, adopt_writes)
-    e = StepExtras(grad_scale, found_inf, l1_accum, l1_clear)
     if torch.compiler.is_compiling():
         from .ops import pilot_step_op
 
-        pilot_step_op(t, h, e, backend)
+        pilot_step_op(
+            xs, grads, ms, ws, momentum_ms or [], momentum_ws or [], firsts,
+            *split_scalar(lr), momentum, dampening, nesterov, *split_scalar(alpha),
+            weight_decay, maximize, beta, adopt_writes, grad_scale, found_inf, l1_accum,
+            l1_clear, backend,
+        )
         return
+    t = StepTensors(xs, grads, ms, ws, momentum_ms, momentum_ws, firsts)
+    h = StepHparams(lr, momentum, dampening, nesterov, alpha, beta, weight_decay, maximize, adopt_writes)
+    e = StepExtras(grad_scale, found_inf, l1_accum, l1_clear)
     run_step(backend, t, h, e, workspace if workspace is not None else {})
 
 
