@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -41,8 +40,6 @@ _MODULES = {
     "cuda": "pilot_kernels.kernels.fused_cuda",
     "cpu": "pilot_kernels.kernels.fused_cpu",
 }
-# Whether the cpu backend could be built in this process (None: not asked yet).
-_CPU_OK: Optional[bool] = None
 
 
 def check_backend_name(name: str) -> None:
@@ -81,22 +78,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def _cpu_available() -> bool:
-    """Whether ``auto`` may take the cpu backend: builds it on the first CPU step and, if
-    that fails, says so once and settles on the reference for the rest of the process."""
-    global _CPU_OK
-    if _CPU_OK is None:
-        from . import fused_cpu
+    """Whether ``auto`` may take the cpu backend now: never waits for its build (see
+    :func:`pilot_kernels.kernels.fused_cpu.ready`)."""
+    from . import fused_cpu
 
-        _CPU_OK = fused_cpu.available()
-        if not _CPU_OK:
-            reason = (str(fused_cpu.build_error()).strip().splitlines() or ["unknown error"])[0]
-            warnings.warn(
-                f"pilot_kernels: the fused cpu backend is unavailable, using the reference "
-                f"backend instead ({reason})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _CPU_OK
+    return fused_cpu.ready()
 
 
 def split_scalar(v: Union[float, torch.Tensor]) -> tuple[float, Optional[torch.Tensor]]:
