@@ -99,12 +99,16 @@ def test_every_option_fp32(opts):
     _compare([(3, 5), (4097,), (7,)], torch.float32, opts)
 
 
+@pytest.mark.parametrize("adopt_writes", [True, False], ids=["adopt", "no_adopt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("numel", [1, 7, 15, 16, 17, 31, 32, 33, 32767, 32768, 32769])
-def test_dtypes_and_sizes(dtype, numel):
+def test_dtypes_and_sizes(dtype, numel, adopt_writes):
     """Scalar tails, vector bodies (one step is 16 or 32 lanes) and kGrain ± 1 (one task
-    or two)."""
-    _compare([(numel,)], dtype, BASE, steps=3)
+    or two), with every fifth element written before the second step."""
+    def write(step, xs):
+        if step == 1:
+            xs[0][::5] = 0.3
+    _compare([(numel,)], dtype, BASE, steps=3, write=write, hp=_hp(BASE, adopt_writes=adopt_writes))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
