@@ -64,9 +64,17 @@ def _build() -> None:
 
 
 def _join_build() -> None:
-    # A build cut off at exit would leave torch's build lock behind, and the next process
-    # waiting on it forever, so the interpreter waits for the build to finish.
     if _BUILDER is not None:
+        _BUILDER.join()
+
+
+def _finish_build_at_exit() -> None:
+    # Older torch versions lock a build with a file whose mere existence blocks (FileBaton):
+    # a build cut off at exit would leave it behind and every later process waiting on
+    # it, so the interpreter finishes the build (which then is cached) and says so.
+    if _BUILDER is not None and _BUILDER.is_alive():
+        print("pilot_kernels: finishing the cpu build before exiting, so that later "
+              "processes find it cached", file=sys.stderr, flush=True)
         _BUILDER.join()
 
 
@@ -88,7 +96,7 @@ def ready() -> bool:
                 else:
                     _BUILDER = threading.Thread(target=_build, name="pilot_kernels-cpu-build",
                                                 daemon=True)
-                    atexit.register(_join_build)
+                    atexit.register(_finish_build_at_exit)
                     print(BUILDING_NOTICE, file=sys.stderr, flush=True)
                     _BUILDER.start()
     if _ERROR is not None and not _WARNED:
