@@ -16,7 +16,8 @@ level and never hands AVX-512 code to a CPU without it.
 per operation, so the compiler may not fuse a multiply and an add (x86-64 has no excess
 precision to worry about beyond that).
 
-Importing this module needs only torch; nothing is compiled until :func:`jit_load` runs.
+Importing this module needs only torch; nothing is compiled until :func:`jit_load` runs,
+and :func:`is_built` tells, without building, whether it would compile or only load.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from .cuda_build import check_max_jobs, cxx_std, source_digest
 
 __all__ = ["SOURCES", "csrc_dir", "capability", "cxx_flags", "ld_flags", "check_toolchain",
-           "jit_name", "jit_load"]
+           "jit_name", "is_built", "jit_load"]
 
 #: Compiled sources, relative to ``csrc/``.
 SOURCES = ("cpu/pilot_step_cpu.cpp",)
@@ -101,6 +102,19 @@ def jit_name(cap: Optional[str] = None) -> str:
     cap = capability() if cap is None else cap
     digest = source_digest(csrc_dir(), SOURCES, (cxx_flags(cap), ld_flags(), torch.__version__))
     return f"pilot_kernels_cpu_{cap.lower()}_{digest}"
+
+
+def is_built(cap: Optional[str] = None) -> bool:
+    """Whether this machine's extensions cache holds the module already, so that
+    :func:`jit_load` only loads it (a moment) instead of compiling (tens of seconds)."""
+    from torch.utils import cpp_extension
+
+    try:
+        name = jit_name(cap)
+    except RuntimeError:  # no sources: jit_load will say so
+        return False
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
 
 
 def jit_load(verbose: Optional[bool] = None):

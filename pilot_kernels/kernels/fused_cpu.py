@@ -1,38 +1,39 @@
 """The fused CPU backend: every reparameterized tensor of a call in one vectorized,
 multithreaded pass (C++ in ``csrc/cpu/``, built just in time).
 
-Per element the kernel reads ``g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
-40 bytes for fp32 parameters with momentum, against ~256 for the reference's separate
-torch ops (about 64 tensor-sized passes per tensor), and no temporary the size of a
-tensor.  ``Σ|m·w|`` is summed in the same pass.  m, w, both momentum buffers and x are
-bitwise equal to :func:`pilot_kernels.kernels.reference.pilot_step`: the C++ repeats its
-fp32 operations in the same order with no multiply-add contraction.  Only ``Σ|m·w|``
-differs in the last bits (another summation order).  Measured on two shared, loaded
-cores (``bench_step.py --device cpu --threads 2``, min of 15 interleaved rounds):
-ResNet-50's 161 tensors in 110 ms, against 273 ms for ``SGD(foreach=True)``, 4.2 s for
-the reference and 50 ms for a ``copy_`` of the same 25.6 M elements.
+Per element the kernel reads ``x, g, m, w, b_m, b_w`` and writes ``m, w, b_m, b_w, x``:
+44 bytes for fp32 parameters with momentum (40 with ``adopt_writes=False``, which leaves
+``x`` unread), against ~256 for the reference's separate torch ops, and no temporary the
+size of a tensor.  ``Σ|m·w|`` is summed in the same pass.  An element of ``x`` that is
+not, bit for bit, the ``m·w`` the last step wrote was written by someone else since; it
+is re-split from its value in the same pass and its momentum restarts.  m, w, both
+momentum buffers and x are bitwise equal to
+:func:`pilot_kernels.kernels.reference.pilot_step`: the C++ repeats its fp32 operations
+(and :func:`pilot_kernels.init.split`'s) in the same order with no multiply-add
+contraction.  Only ``Σ|m·w|`` differs in the last bits (another summation order).
+Measurements: ``docs/cpu_backend.md``.
 
-Layout: constants → kernel (``csrc/cpu/pilot_step_cpu.cpp``, loaded by
-:func:`load_extension`) → launcher (``_launch``) → public wrapper (:func:`pilot_step`,
-the backend interface of :mod:`pilot_kernels.kernels`).
-
-The module is compiled on the first call (:mod:`.cpu_build`; tens of seconds, cached in
-``TORCH_EXTENSIONS_DIR`` for every later process).  A failed build is remembered, so a
-process never retries it; ``backend="auto"`` then falls back to the reference with one
-warning, while an explicit ``backend="cpu"`` raises the build's error, which names the fix.
+The module is compiled on first use (:mod:`.cpu_build`; tens of seconds, cached in
+``TORCH_EXTENSIONS_DIR`` for every later process).  :func:`ready` never waits for that:
+its first call starts the build in a background thread and says so in one line, and
+``backend="auto"`` steps with the (bitwise equal) reference until the module is loaded.
+A failed build is remembered, so a process never retries it; ``auto`` then stays on the
+reference with one warning, while an explicit ``backend="cpu"`` waits for the build
+(:func:`load_extension`) and raises its error, which names the fix.
 """
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
-from typing import Optional, Sequence, Union
+import warnings
+from typing import Optional
 
-from torch import Tensor
+from . import cpu_build
+from .api import StepExtras, StepHparams, StepTensors
 
-from . import cpu_build, reference, split_scalar
+__all__ = ["pilot_step", "ready", "load_extension", "available", "build_error"]
 
-__all__ = ["pilot_step", "load_extension", "available"]
-
-# ----------------------------------------------------------------------- constants
 # The kernel's constants live beside the code that uses them (csrc/cpu/pilot_step_cpu.cpp):
 #   kGrain = 32768    elements per thread at least: smaller calls (2,000 tensors of ~100
 #                     elements still make two tasks) run on the caller, where a parallel
@@ -41,30 +42,91 @@ __all__ = ["pilot_step", "load_extension", "available"]
 #                     Σ|m·w| stays as accurate as torch's cascade sum.
 # Vector width: torch's runtime CPU capability (cpu_build.capability()).
 
-# ----------------------------------------------------------------------- kernel
+# ----------------------------------------------------------------------- the module
 _LOCK = threading.Lock()
 _EXT = None
 _ERROR: Optional[BaseException] = None  # a failed build, kept so it is never retried
+_BUILDER: Optional[threading.Thread] = None  # the background build, once started
+_WARNED = False  # the failed-build notice is given once per process
+
+BUILDING_NOTICE = (
+    "pilot_kernels: compiling the fused cpu step in the background (first use on this "
+    "machine, cached afterwards); the reference backend, bitwise equal, steps meanwhile"
+)
+
+
+def _build() -> None:
+    global _EXT, _ERROR
+    try:
+        _EXT = cpu_build.jit_load()
+    except Exception as e:  # no compiler, no ninja, a compile error, ...
+        _ERROR = e
+
+
+def _join_build() -> None:
+    if _BUILDER is not None:
+        _BUILDER.join()
+
+
+def _finish_build_at_exit() -> None:
+    # Older torch versions lock a build with a file whose mere existence blocks (FileBaton):
+    # a build cut off at exit would leave it behind and every later process waiting on
+    # it, so the interpreter finishes the build (which then is cached) and says so.
+    if _BUILDER is not None and _BUILDER.is_alive():
+        print("pilot_kernels: finishing the cpu build before exiting, so that later "
+              "processes find it cached", file=sys.stderr, flush=True)
+        _BUILDER.join()
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded, never waiting for a compile (``backend="auto"``).
+
+    The first call loads a cached build at once, or starts the build in a background
+    thread and prints one line to stderr saying so; until the build is done (and for
+    good after a failed one, which is announced by one warning) this returns False.
+    """
+    global _BUILDER, _WARNED
+    if _EXT is not None:
+        return True
+    if _ERROR is None and _BUILDER is None:
+        with _LOCK:
+            if _EXT is None and _ERROR is None and _BUILDER is None:
+                if cpu_build.is_built():
+                    _build()  # only a load
+                else:
+                    _BUILDER = threading.Thread(target=_build, name="pilot_kernels-cpu-build",
+                                                daemon=True)
+                    atexit.register(_finish_build_at_exit)
+                    print(BUILDING_NOTICE, file=sys.stderr, flush=True)
+                    _BUILDER.start()
+    if _ERROR is not None and not _WARNED:
+        _WARNED = True
+        reason = (str(_ERROR).strip().splitlines() or ["unknown error"])[0]
+        warnings.warn(
+            f"pilot_kernels: the fused cpu backend is unavailable, using the reference "
+            f"backend instead ({reason})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _EXT is not None
 
 
 def load_extension():
-    """The compiled module, built or loaded from the cache on the first call; raises the
-    build's RuntimeError (the same one on every later call) when it cannot be built."""
-    global _EXT, _ERROR
+    """The compiled module, built or loaded on the first call (waiting for a background
+    build that :func:`ready` started); raises the build's RuntimeError (the same one on
+    every later call) when it cannot be built."""
     if _EXT is None:
+        _join_build()
         with _LOCK:
             if _EXT is None and _ERROR is None:
-                try:
-                    _EXT = cpu_build.jit_load()
-                except Exception as e:  # no compiler, no ninja, a compile error, ...
-                    _ERROR = e
-            if _EXT is None:
-                raise _ERROR
+                _build()
+        if _EXT is None:
+            raise _ERROR
     return _EXT
 
 
 def available() -> bool:
-    """Whether the kernel can run here (builds it on the first call)."""
+    """Whether the kernel can run here (waits for the build on the first call)."""
     try:
         load_extension()
     except Exception:
@@ -73,70 +135,27 @@ def available() -> bool:
 
 
 def build_error() -> Optional[BaseException]:
-    """Why :func:`available` is False, or None."""
+    """Why the module could not be built, or None."""
     return _ERROR
 
 
-# ----------------------------------------------------------------------- launcher
-def _launch(ext, xs, grads, ms, ws, momentum_ms, momentum_ws, firsts, *, lr, momentum, dampening,
-            nesterov, alpha, weight_decay, maximize, grad_scale, found_inf, l1_accum,
-            l1_clear) -> list[int]:
-    """One call of the kernel; returns the indices it left to the reference."""
-    lr, lr_tensor = split_scalar(lr)
-    alpha, alpha_tensor = split_scalar(alpha)
-    return ext.pilot_step(
-        xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
-        lr, lr_tensor, float(momentum), float(dampening), bool(nesterov),
-        alpha, alpha_tensor, float(weight_decay), bool(maximize),
-        grad_scale, found_inf, l1_accum, l1_clear,
-    )
-
-
-# ----------------------------------------------------------------------- public
-def pilot_step(
-    xs: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    ms: Sequence[Tensor],
-    ws: Sequence[Tensor],
-    momentum_ms: Optional[Sequence[Tensor]],
-    momentum_ws: Optional[Sequence[Tensor]],
-    firsts: Sequence[bool],
-    *,
-    lr: Union[float, Tensor],
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    alpha: Union[float, Tensor],
-    weight_decay: float,
-    maximize: bool,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-    l1_accum: Optional[Tensor] = None,
-    l1_clear: Optional[Tensor] = None,
-    workspace: Optional[dict] = None,
-) -> None:
+# ----------------------------------------------------------------------- the step
+def pilot_step(t: StepTensors, h: StepHparams, e: StepExtras = StepExtras(),
+               workspace: Optional[dict] = None) -> None:
     """Fused PILoT step; same contract as :func:`pilot_kernels.kernels.reference.pilot_step`.
 
-    Every tensor is on the CPU; parameters share one dtype (float32, bfloat16 or
-    float16), and ``m``, ``w`` and the momentum buffers are float32 with ``x``'s shape.
-    A tensor whose storage the kernel cannot walk linearly together with ``x``'s (a state
-    or gradient with other strides, a non-dense ``x``, a gradient dtype differing from
-    the call's first) is updated by the reference instead, so results never depend on
-    memory layout.  ``workspace`` is unused: the kernel needs no table between calls.
+    Steps exactly what it is given: CPU tensors, parameters of one dtype (float32,
+    bfloat16 or float16) with gradients of that dtype or float32, and ``m``, ``w`` and
+    the momentum buffers float32 laid out like ``x`` (dense); anything else raises
+    before a tensor is written, naming the fix (:func:`pilot_kernels.kernels.run_step`
+    routes such tensors to the reference).  Version counters are left to the caller.
+    ``workspace`` is unused: the kernel needs no table between calls.
     """
-    if not xs:
-        return
-    if momentum == 0:
-        momentum_ms = momentum_ws = None
-    hparams = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, alpha=alpha,
-                   weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-                   found_inf=found_inf)
-    slow = _launch(load_extension(), xs, grads, ms, ws, momentum_ms, momentum_ws, firsts,
-                   l1_accum=l1_accum, l1_clear=l1_clear, **hparams)
-    if slow:
-        def pick(seq):
-            return [seq[i] for i in slow] if seq is not None else None
-
-        # The kernel already cleared l1_clear.
-        reference.pilot_step(pick(xs), pick(grads), pick(ms), pick(ws), pick(momentum_ms),
-                             pick(momentum_ws), pick(firsts), l1_accum=l1_accum, **hparams)
+    momentum = float(h.momentum)
+    load_extension().pilot_step(
+        t.xs, t.grads, t.ms, t.ws,
+        t.momentum_ms if momentum != 0 else None, t.momentum_ws if momentum != 0 else None,
+        t.firsts, h.lr, momentum, float(h.dampening), bool(h.nesterov), h.alpha,
+        float(h.beta), float(h.weight_decay), bool(h.maximize), bool(h.adopt_writes),
+        e.grad_scale, e.found_inf, e.l1_accum, e.l1_clear,
+    )
