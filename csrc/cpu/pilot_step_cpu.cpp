@@ -121,18 +121,9 @@ C10_ALWAYS_INLINE F update(F g, F& m, F& w, F& b_m, F& b_w, bool first, const Fl
 }
 
 // ---------------------------------------------------------------- re-split (init.split)
-// torch.sqrt on the CPU is MKL's vmsSqrt in high-accuracy mode wherever torch has MKL,
-// and that is not always the correctly rounded std::sqrt: split()'s bits need the same
-// call.  Weak, so that a torch without MKL (whose sqrt is the IEEE one) still links.
-extern "C" void vmsSqrt(int n, const float* a, float* r, long long mode) __attribute__((weak));
-constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, as torch
-
-inline void sqrt_(float* a, int n) {  // in place, as torch.sqrt
-  if (vmsSqrt != nullptr) {
-    vmsSqrt(n, a, a, kVmlMode);
-  } else {
-    for (int i = 0; i < n; ++i) a[i] = std::sqrt(a[i]);
-  }
+// split()'s square roots are correctly rounded (init._sqrt_rn), as IEEE std::sqrt is.
+inline void sqrt_(float* a, int n) {  // in place
+  for (int i = 0; i < n; ++i) a[i] = std::sqrt(a[i]);
 }
 
 inline float sign_(float x) { return static_cast<float>((0.f < x) - (x < 0.f)); }  // torch.sign
