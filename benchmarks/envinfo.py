@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-# The checkout this package was installed from (editable installs and CI), for git_commit().
+# The checkout these benchmarks live in, for git_commit().
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
