@@ -21,10 +21,10 @@
 #
 # and summary.txt (one line per step), gpu_session.tar.gz (all of it).  The device's
 # own python3 and its torch/triton are used (PYTHON overrides it); nothing is downloaded
-# (pip runs with --no-index --no-deps).  The scripts run from this checkout, so a failed
-# install step costs only the pilot_kernels version in the records; the tools they
-# import (bench, envinfo, sass) sit in benchmarks/.  Needs: torch, triton, ninja; pytest
-# for tests_gpu, torchvision for training.
+# (pip runs with --no-index --no-deps).  Every step imports this checkout's pilot_kernels
+# (PYTHONPATH), so a failed install step costs only its version in the records; the
+# tools the scripts import (bench, envinfo, sass) sit beside them in benchmarks/.
+# Needs: torch, triton, ninja; pytest for tests_gpu, torchvision for training.
 #
 # --dry-run (no GPU needed) runs every step that does not need CUDA on the CPU, in its
 # quick form, and reports the CUDA-only steps as skipped: it is what CI runs.
@@ -52,6 +52,8 @@ PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_SESSION_BUDGET_S:-470}"   # the whole script, so that it ends inside 8 minutes
 ((DRY)) && BUDGET_S="${GPU_SESSION_BUDGET_S:-1200}"  # CI's shared CPUs: no box to fit
 export PYTHONUNBUFFERED=1
+# This checkout's pilot_kernels for every step, the scripts' included, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PILOT_GIT_COMMIT="${PILOT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
 if ((DRY)); then export TRITON_INTERPRET=1; fi
 START=$SECONDS
@@ -89,7 +91,7 @@ gpu_only() {  # name: the dry run reports a CUDA-only step
 
 O="$OUT_DIR"
 step env 60 "{ date -u; git rev-parse HEAD; git status --short | head -20; nvidia-smi || echo 'nvidia-smi: not found'; \
-    PYTHONPATH=benchmarks $PY -c 'import json, torch; from envinfo import environment; \
+    PYTHONPATH=\"benchmarks:\$PYTHONPATH\" $PY -c 'import json, torch; from envinfo import environment; \
 print(json.dumps(environment(\"cuda\" if torch.cuda.is_available() else \"cpu\"), indent=1))' \
     || $PY -c 'import sys, torch; print(sys.version, torch.__version__)'; } > '$O/env.txt' 2>&1; cat '$O/env.txt'"
 
