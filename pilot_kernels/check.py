@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import __version__
 from . import _measure as bench
 from .kernels import BACKENDS, resolve_backend
 from .optimizer import PILoT
@@ -97,7 +98,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """The versions and the device a bug report needs (``benchmarks/envinfo.py`` records
     more: git commit, hostname, driver)."""
     env: dict[str, Any] = {
-        "pilot_kernels": _version("pilot_kernels"), "torch": torch.__version__, "triton": _version("triton"),
+        "pilot_kernels": __version__, "torch": torch.__version__, "triton": _version("triton"),
         "torchvision": _version("torchvision"), "python": platform.python_version(),
         "platform": platform.platform(), "device_type": device.type, "cuda_runtime": torch.version.cuda,
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
