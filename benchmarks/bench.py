@@ -23,12 +23,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from pilot_kernels._measure import (  # noqa: F401  (re-exported: the benchmarks' one namespace)
-    ALPHA, BASELINES, BETA, DTYPES, GRAD_STD, INIT_STD, LR, MOMENTUM, PROVIDERS, Built, Product, Shapes,
-    Unavailable, algorithm, build, check_available, count_launches, dtype_name, fmt, free_bytes, jsonable,
-    make_tensors, measure, naive_parametrize, naive_sgd, native_providers, numel, parse_dtype,
-    resident_bytes_per_element, resnet50_shapes, short_reason, shrink_shapes, step_bytes, summarize, sync,
-    table, time_steps,
+from pilot_kernels._measure import (  # noqa: F401  (re-exported for the scripts and tests)
+    ALPHA, BETA, GRAD_STD, INIT_STD, LR, MOMENTUM, PROVIDERS, Shapes, Unavailable, build, check_available,
+    count_launches, dtype_name, jsonable, measure, naive_parametrize, naive_sgd, native_providers, numel,
+    parse_dtype, resnet50_shapes, short_reason, shrink_shapes, summarize, sync, table, time_steps,
 )
 from pilot_kernels.kernels import BACKENDS, get_step_fn
 
