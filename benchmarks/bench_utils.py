@@ -1,4 +1,4 @@
-"""What the benchmark scripts share beyond :mod:`pilot_kernels.bench`: the command-line
+"""What the benchmark scripts share beyond :mod:`bench`: the command-line
 options every script takes, the results-file convention and target checks.
 
 A results file is ``<stem>.json`` (``environment``, ``args``, ``columns``, ``rows`` and
@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pilot_kernels.bench import jsonable
-from pilot_kernels.envinfo import REPO_ROOT, device_slug
+from bench import jsonable
+from envinfo import REPO_ROOT, device_slug
 
 DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 

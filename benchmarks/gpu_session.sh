@@ -9,7 +9,7 @@
 # (a failing or slow step never stops the ones after it), all output in OUT_DIR:
 #
 #   env             nvidia-smi, python and library versions          -> env.txt
-#   install         pip install --no-deps --no-build-isolation -e .  -> install.log
+#   install         pip install --no-index --no-deps --no-build-isolation -e .  -> install.log
 #   build           the CUDA twin ahead of time for this GPU's arch (PILOT_BUILD_CUDA=1),
 #                   else just in time; the cpu backend                -> build.log
 #   tests_gpu       pytest -m gpu                                     -> tests_gpu.xml/.log
@@ -20,7 +20,11 @@
 #   inspect         benchmarks/inspect_kernels.py, sm_90 (if present) -> inspect/
 #
 # and summary.txt (one line per step), gpu_session.tar.gz (all of it).  The device's
-# own python3 is used (PYTHON overrides it); nothing is downloaded.
+# own python3 and its torch/triton are used (PYTHON overrides it); nothing is downloaded
+# (pip runs with --no-index --no-deps).  Every step imports this checkout's pilot_kernels
+# (PYTHONPATH), so a failed install step costs only its version in the records; the
+# tools the scripts import (bench, envinfo, sass) sit beside them in benchmarks/.
+# Needs: torch, triton, ninja; pytest for tests_gpu, torchvision for training.
 #
 # --dry-run (no GPU needed) runs every step that does not need CUDA on the CPU, in its
 # quick form, and reports the CUDA-only steps as skipped: it is what CI runs.
@@ -33,7 +37,7 @@ while (($#)); do
     case "$1" in
         --dry-run) DRY=1 ;;
         --skip) SKIP=",$2,"; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT_DIR="$1" ;;
     esac
@@ -48,6 +52,8 @@ PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_SESSION_BUDGET_S:-470}"   # the whole script, so that it ends inside 8 minutes
 ((DRY)) && BUDGET_S="${GPU_SESSION_BUDGET_S:-1200}"  # CI's shared CPUs: no box to fit
 export PYTHONUNBUFFERED=1
+# This checkout's pilot_kernels for every step, the scripts' included, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PILOT_GIT_COMMIT="${PILOT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
 if ((DRY)); then export TRITON_INTERPRET=1; fi
 START=$SECONDS
@@ -85,7 +91,7 @@ gpu_only() {  # name: the dry run reports a CUDA-only step
 
 O="$OUT_DIR"
 step env 60 "{ date -u; git rev-parse HEAD; git status --short | head -20; nvidia-smi || echo 'nvidia-smi: not found'; \
-    $PY -c 'import json, torch; from pilot_kernels.envinfo import environment; \
+    PYTHONPATH=\"benchmarks:\$PYTHONPATH\" $PY -c 'import json, torch; from envinfo import environment; \
 print(json.dumps(environment(\"cuda\" if torch.cuda.is_available() else \"cpu\"), indent=1))' \
     || $PY -c 'import sys, torch; print(sys.version, torch.__version__)'; } > '$O/env.txt' 2>&1; cat '$O/env.txt'"
 
@@ -102,12 +108,12 @@ if ((DRY)); then
     step training 300 "$PY benchmarks/bench_training.py --device cpu --quick --warmup 0 --iters 1 --providers dense \
         --out '$O' --name training"
 else
-    step install 45 "$PY -m pip install --no-deps --no-build-isolation -e ."
+    step install 45 "$PY -m pip install --no-index --no-deps --no-build-isolation -e ."
     CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1)
     # The cpu backend too: check.py tests it on this machine's CPU, and its first build
     # would otherwise fall inside check's time box.
     step build 150 "rc=0; PILOT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST='${CC:-9.0}' MAX_JOBS=\$(nproc) \
-        $PY -m pip install --no-deps --no-build-isolation -e . \
+        $PY -m pip install --no-index --no-deps --no-build-isolation -e . \
         || $PY -c 'from pilot_kernels.kernels import fused_cuda; fused_cuda.load_extension(); print(\"cuda: built just in time\")' \
         || rc=1; $PY -c 'from pilot_kernels.kernels import fused_cpu; assert fused_cpu.available(), fused_cpu.build_error()' \
         || rc=1; exit \$rc"

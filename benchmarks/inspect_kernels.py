@@ -7,7 +7,7 @@ and tabulate registers, local/shared memory and global accesses by width.
 
 Writes ``kernels.json``, ``kernels.md`` and per kernel the cubin and SASS under ``--out``;
 ``--check`` exits 1 if a kernel breaks the contract (see ``docs/kernels.md``).  The work
-is done by :mod:`pilot_kernels.kernels.sass`.
+is done by :mod:`sass` (beside this script).
 """
 import os
 import sys
@@ -15,7 +15,7 @@ import sys
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("TRITON_INTERPRET=1 builds the Triton kernel for the CPU interpreter; unset it to compile for a GPU")
 
-from pilot_kernels.kernels.sass import main  # noqa: E402
+from sass import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ Like ``python -m torch.utils.collect_env``, it prints what a bug report needs, a
    against the plain-torch reference: every parameter and every state tensor, as the
    largest distance in units in the last place (0 = bitwise equal, which every backend
    promises and the default ``--max-ulps 0`` demands).
-2. **Speed.**  On float32 ResNet-50 (:mod:`pilot_kernels.bench`): time per step, GB/s
+2. **Speed.**  On float32 ResNet-50 (:mod:`pilot_kernels._measure`): time per step, GB/s
    over the analytic bytes and as a % of a ``copy_`` of the same elements measured in
    the same run, launches per step (``torch.profiler``), next to
    ``SGD(momentum=0.9, fused=True)``, SGD foreach and the naive parametrization.
@@ -27,7 +27,9 @@ The exit status is 1 when a backend differs from the reference by more than
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import platform
 import sys
 from typing import Any, Optional, Sequence
@@ -35,8 +37,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import bench
-from .envinfo import environment
+from . import __version__
+from . import _measure as bench
 from .init import split
 from .kernels import BACKENDS, StepExtras, StepHparams, StepTensors, resolve_backend, run_step
 
@@ -84,6 +86,32 @@ def ulp_distance(a: Tensor, b: Tensor) -> Tensor:
 
 def max_ulps(a: Tensor, b: Tensor) -> int:
     return int(ulp_distance(a, b).max()) if a.numel() else 0
+
+
+# ======================================================================= environment
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The versions and the device a bug report needs (``benchmarks/envinfo.py`` records
+    more: git commit, hostname, driver)."""
+    env: dict[str, Any] = {
+        "pilot_kernels": __version__, "torch": torch.__version__, "triton": _version("triton"),
+        "torchvision": _version("torchvision"), "python": platform.python_version(),
+        "platform": platform.platform(), "device_type": device.type, "cuda_runtime": torch.version.cuda,
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
+        env.update(device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                   sm_count=props.multi_processor_count, device_memory_gib=round(props.total_memory / 2**30, 2))
+    else:
+        env.update(device_name=platform.processor() or platform.machine())
+    return env
 
 
 # ======================================================================= correctness
@@ -157,18 +185,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = args.device
     env = environment(device)
     print(f"pilot_kernels {env['pilot_kernels']}  torch {env['torch']}  triton {env['triton']}  "
-          f"torchvision {env['torchvision']}  python {platform.python_version()}")
+          f"torchvision {env['torchvision']}  python {env['python']}")
     if device.type == "cuda":
         print(f"device: {env['device_name']}, compute capability {env['compute_capability']}, "
-              f"{env['sm_count']} SMs, {env['device_memory_gib']} GiB, driver {env['driver']}, CUDA {env['cuda_runtime']}")
+              f"{env['sm_count']} SMs, {env['device_memory_gib']} GiB, CUDA {env['cuda_runtime']}")
     else:
         print(f"device: {env['device_name']} ({env['cpu_count']} CPUs); "
               f"CUDA available: {torch.cuda.is_available()}")
-    try:
-        full = bench.resnet50_shapes()
-    except bench.Unavailable as e:
-        print(f"cannot check: {e}")
-        return 1
+    full = bench.resnet50_shapes()
     shrunk = bench.shrink_shapes(full, 32)
 
     # ---------------------------------------------------------------- backends

@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-import bench_step  # benchmarks/ is on pytest's pythonpath, as it is on a script's path
+import bench  # benchmarks/ is on pytest's pythonpath, as it is on a script's path
+import bench_step
 import bench_training
 import bench_utils
-from pilot_kernels import PILoT, bench
+from pilot_kernels import PILoT
 from pilot_kernels.kernels import BACKENDS, resolve_backend, traffic, triton_interpreting
 
 
@@ -47,7 +48,12 @@ def test_step_bytes_splits_like_pilot():
 
 # --------------------------------------------------------------------- shape sets
 def test_shape_sets():
+    import torchvision
+
     r50 = bench.resnet50_shapes()
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    assert r50 == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     assert len(r50) == 161 and bench.numel(r50) == 25_557_032
     assert sum(len(s) >= 2 for _, s in r50) == 54
     assert bench.numel(bench.gpt2_shapes()) == 124_439_808

@@ -1,5 +1,5 @@
 """GPU-performance regressions CI can catch without a GPU: compile the kernels for sm_90
-and hold their SASS to the contract of :func:`pilot_kernels.kernels.sass.check`.
+and hold their SASS to the contract of :func:`sass.check` (``benchmarks/sass.py``).
 
 * Triton: every fp32 variant's unmasked (full-block) path reads and writes all its
   streams with 128-bit accesses; bf16/fp16 variants use >= 64-bit accesses for x and its
@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from pilot_kernels.kernels import sass
+import sass  # benchmarks/ is on pytest's pythonpath
 
 NVCC = sass.find_nvcc()
 CUOBJDUMP = sass.find_cuobjdump()
@@ -43,7 +43,7 @@ TRITON_VARIANTS = [v for v in sass.triton_variants() if v.dtype == "fp32"] + [
 def reports(tmp_path_factory) -> dict[tuple[str, str], dict]:
     out = tmp_path_factory.mktemp("sass")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pilot_kernels.kernels.sass", "--out", str(out), "--arch", str(ARCH),
+    cmd = [sys.executable, sass.__file__, "--out", str(out), "--arch", str(ARCH),
            "--variants", *[v.name for v in TRITON_VARIANTS]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

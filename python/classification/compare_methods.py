@@ -77,9 +77,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pilot_kernels.envinfo import environment
 from checkpoint import atomic_write
 from report import best_within, plot_sweeps, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # envinfo, beside the benchmarks
+from envinfo import environment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

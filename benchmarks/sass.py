@@ -438,7 +438,7 @@ def inspect_cuda(archs: Iterable[int], out_dir: Path, nvcc: Optional[str] = None
     arch under ``out_dir/cuda/sm_<arch>/`` and report on each instantiation."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    from . import cuda_build
+    from pilot_kernels.kernels import cuda_build
 
     nvcc = nvcc or find_nvcc()
     cuobjdump = cuobjdump or find_cuobjdump()

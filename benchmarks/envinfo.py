@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import torch
 
-# The checkout this package was installed from (editable installs and CI), for git_commit().
+import pilot_kernels
+
+# The checkout these benchmarks live in, for git_commit().
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,7 +86,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "triton": _version("triton"),
         "torchvision": _version("torchvision"),
         "numpy": _version("numpy"),
-        "pilot_kernels": _version("pilot_kernels"),
+        "pilot_kernels": pilot_kernels.__version__,  # this checkout's, installed or not
         "cuda_runtime": torch.version.cuda,
         "env_TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "env_PILOT_BACKEND": os.environ.get("PILOT_BACKEND"),
