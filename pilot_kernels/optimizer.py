@@ -8,10 +8,7 @@ the arithmetic.
 """
 from __future__ import annotations
 
-import math
 import operator
-from collections import defaultdict
-from copy import deepcopy
 from itertools import compress, repeat
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -22,23 +19,21 @@ from torch.optim.sgd import sgd as _sgd_functional
 
 from .dtensor import DTensor, all_reduce_over_shards_, shard_groups
 from .dtensor import local as _local
-from .init import split, splits_by_default
-from .kernels import check_backend_name, run_step, split_scalar
+from .init import split
+from ._checks import (HPARAM_KEYS, REPARAM_DTYPES, check_hparams, check_param, dtype_error,
+                      group_tensors, hparam_key, sgd_hparams, sparse_error, wants_split)
+from ._loading import loaded_state
+from .kernels import run_step, split_scalar
 from .kernels.api import StepExtras, StepHparams, StepTensors
 
 __all__ = ["PILoT", "pilot"]
 
-_REPARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Per-tensor state keys; public as PILoT.FACTOR_KEYS etc. (see the class).
 _FACTOR_KEYS = ("m", "w")
 _MOMENTUM_KEYS = ("momentum_m", "momentum_w")
 _SGD_MOMENTUM_KEY = "momentum_buffer"
 # False until a tensor's momentum buffers hold history (SGD's first step: b = d).
 _STARTED = "momentum_started"
-# Group keys the step reads; every one is checked when it changes.
-_HPARAM_KEYS = ("lr", "momentum", "dampening", "nesterov", "alpha", "beta", "weight_decay",
-                "maximize", "reparam", "backend", "capturable", "adopt_writes")
-_BOOL_KEYS = ("nesterov", "maximize", "capturable", "adopt_writes")
 
 # Readers for the gather, applied with map(): the per-tensor loop then runs in C.
 _GRAD = operator.attrgetter("grad")
@@ -60,112 +55,8 @@ def _with_grads(params: list) -> tuple[list, list]:
         params, grads = list(compress(params, has)), list(compress(grads, has))
         sparse = any(map(_IS_SPARSE, grads))
     if sparse:
-        raise _sparse_error(next(p for p, g in zip(params, grads) if g.is_sparse))
+        raise sparse_error(next(p for p, g in zip(params, grads) if g.is_sparse))
     return params, grads
-
-
-# ---------------------------------------------------------------------- validation
-def _check_value(group: dict, name: str, tensor_values: bool = True) -> None:
-    """Raise naming the fix if ``group[name]`` is invalid.  ``lr`` and ``alpha`` may be
-    one-element tensors, whose value is read only when ``tensor_values`` (a device
-    tensor read is a host sync, which ``step`` avoids)."""
-    v = group[name]
-    if name in _BOOL_KEYS:
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be True or False, got {v!r}")
-    elif name == "reparam":
-        if v not in ("auto", True, False) or not isinstance(v, (str, bool)):
-            raise ValueError(f"reparam must be 'auto', True or False, got {v!r}")
-    elif name == "backend":
-        check_backend_name(v)
-    else:
-        if isinstance(v, Tensor):
-            if name not in ("lr", "alpha"):
-                raise TypeError(f"{name} must be a number, got a Tensor")
-            if v.numel() != 1 or not v.is_floating_point():
-                raise ValueError(f"a Tensor {name} must be one floating-point element, got "
-                                 f"{v.dtype} of shape {tuple(v.shape)}")
-            if not tensor_values:
-                return
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a number, got {v!r}")
-        if not math.isfinite(v):
-            raise ValueError(f"Invalid {name}: {v}; {name} must be a finite number >= 0")
-        if v < 0.0:
-            raise ValueError(f"Invalid {name}: {v}; {name} must be >= 0")
-
-
-def _check_hparams(group: dict, tensor_values: bool = True, names: Iterable[str] = _HPARAM_KEYS) -> None:
-    """Raise naming the fix for any invalid hyperparameter of ``group`` among ``names``."""
-    for name in _HPARAM_KEYS:
-        if name not in group:
-            raise KeyError(f"param group has no {name!r}; every PILoT group needs {_HPARAM_KEYS}")
-    for name in names:
-        _check_value(group, name, tensor_values)
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            "Nesterov momentum requires a momentum > 0 and zero dampening; "
-            "set momentum > 0 and dampening=0, or nesterov=False"
-        )
-
-
-def _hparam_key(group: dict) -> tuple:
-    """The group's hyperparameters as a comparable key.  A tensor enters by identity (the
-    key holds it, so its id cannot be reused): comparing it by value would be a sync."""
-    return tuple((id(v), v) if isinstance(v, Tensor) else v for v in map(group.__getitem__, _HPARAM_KEYS))
-
-
-def _sgd_hparams(group: dict) -> dict:
-    """The group's hyperparameters that PILoT shares with torch.optim.SGD."""
-    return {k: group[k] for k in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")}
-
-
-def _wants_split(p: Tensor, reparam: Union[str, bool]) -> bool:
-    return splits_by_default(p) if reparam == "auto" else bool(reparam)
-
-
-def _check_param(p: Any, reparam: bool) -> None:
-    if not isinstance(p, Tensor):
-        raise TypeError(f"optimizer can only optimize Tensors, got {type(p).__name__}")
-    if p.is_complex():
-        raise TypeError(
-            f"PILoT does not support complex parameters (got {p.dtype}); "
-            "optimize torch.view_as_real(p) instead"
-        )
-    if not p.is_floating_point():
-        raise TypeError(f"PILoT needs floating-point parameters, got {p.dtype}")
-    if reparam and p.dtype not in _REPARAM_DTYPES:
-        raise TypeError(
-            f"reparameterized tensors must be float32, bfloat16 or float16, got {p.dtype} "
-            f"(shape {tuple(p.shape)}); convert the model (e.g. model.float()) or put the "
-            "tensor in a group with reparam=False"
-        )
-
-
-def _group_tensors(param_group: dict) -> list:
-    """The tensors of a not-yet-added group (named or not), as torch will store them."""
-    params = param_group["params"]
-    if isinstance(params, Tensor):
-        return [params]
-    return [p[1] if isinstance(p, tuple) else p for p in params]
-
-
-def _sparse_error(p: Tensor) -> RuntimeError:
-    return RuntimeError(
-        f"PILoT does not support sparse gradients (a tensor of shape {tuple(p.shape)} has one), "
-        "as torch.optim.SGD(fused=True) does not; use dense gradients "
-        "(e.g. nn.Embedding(sparse=False)) or optimize that tensor with torch.optim.SGD"
-    )
-
-
-def _dtype_error(x: Tensor) -> TypeError:
-    return TypeError(
-        f"a reparameterized parameter of shape {tuple(x.shape)} is now {x.dtype} "
-        "(model.double()?); PILoT splits float32, bfloat16 or float16 tensors: "
-        "convert the model back (e.g. model.float()), or build the optimizer "
-        "with reparam=False for it"
-    )
 
 
 # ---------------------------------------------------------------------- L1 norm
@@ -382,7 +273,7 @@ class PILoT(Optimizer):
                         alpha=alpha, beta=beta, weight_decay=weight_decay, maximize=maximize,
                         reparam=reparam, backend=backend, capturable=capturable,
                         adopt_writes=adopt_writes)
-        _check_hparams(defaults)
+        check_hparams(defaults)
         # Check every group before the first is added (and its tensors are split), so
         # bad input anywhere changes nothing.
         params = list(params)
@@ -435,9 +326,9 @@ class PILoT(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def _check_new_group(self, group: dict) -> None:
-        _check_hparams(group)
-        for p in _group_tensors(group):
-            _check_param(p, isinstance(p, Tensor) and _wants_split(p, group["reparam"]))
+        check_hparams(group)
+        for p in group_tensors(group):
+            check_param(p, isinstance(p, Tensor) and wants_split(p, group["reparam"]))
 
     @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -450,8 +341,8 @@ class PILoT(Optimizer):
         merged = {**self.defaults, **param_group}
         self._check_new_group(merged)
         # Split before the group is added, so a failure leaves the optimizer as it was.
-        factors = {id(p): split(p, merged["beta"]) for p in _group_tensors(param_group)
-                   if _wants_split(p, merged["reparam"])}
+        factors = {id(p): split(p, merged["beta"]) for p in group_tensors(param_group)
+                   if wants_split(p, merged["reparam"])}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["capturable"]:
@@ -540,7 +431,7 @@ class PILoT(Optimizer):
                 stepped.add(device)
                 pilot(
                     *lists,
-                    **_sgd_hparams(group),
+                    **sgd_hparams(group),
                     alpha=group["alpha"],
                     beta=group["beta"],
                     adopt_writes=group["adopt_writes"],
@@ -560,15 +451,15 @@ class PILoT(Optimizer):
     def _check_group(self, gi: int, group: dict) -> None:
         """Check the hyperparameters that changed since the group's last step (a schedule
         writing NaN raises here, before anything moves), without reading device values."""
-        key = _hparam_key(group)
+        key = hparam_key(group)
         last = self._checked.get(gi)
         if last == key:
             return
-        names = _HPARAM_KEYS if last is None else [n for n, a, b in zip(_HPARAM_KEYS, last, key) if a != b]
-        _check_hparams(group, tensor_values=False, names=names)
+        names = HPARAM_KEYS if last is None else [n for n, a, b in zip(HPARAM_KEYS, last, key) if a != b]
+        check_hparams(group, tensor_values=False, names=names)
         if group["capturable"]:
             self._hparams_to_device(group)
-            key = _hparam_key(group)
+            key = hparam_key(group)
         if group["momentum"] != 0:  # momentum may have been switched on since
             for p in group["params"]:
                 if _STARTED not in self.state[p]:
@@ -633,8 +524,8 @@ class PILoT(Optimizer):
             return self._gather(gi, group)
         keys = {(x.device, x.dtype) for x in xs}
         for _, dtype in keys:
-            if dtype not in _REPARAM_DTYPES:
-                raise _dtype_error(next(x for x in xs if x.dtype == dtype))
+            if dtype not in REPARAM_DTYPES:
+                raise dtype_error(next(x for x in xs if x.dtype == dtype))
         lists = [xs, gs, ms, ws, bms, bws, firsts]
         if len(keys) == 1:
             return plain, {keys.pop(): (ps, lists)}
@@ -651,8 +542,8 @@ class PILoT(Optimizer):
         state follows) or shape (split again from the new value, momentum restarted)."""
         for p in ps:
             x, state = _local(p), self.state[p]
-            if x.dtype not in _REPARAM_DTYPES:
-                raise _dtype_error(x)
+            if x.dtype not in REPARAM_DTYPES:
+                raise dtype_error(x)
             if x.shape != _local(state["m"]).shape:
                 state["m"], state["w"] = split(p, group["beta"])
                 if group["momentum"] != 0:
@@ -695,7 +586,7 @@ class PILoT(Optimizer):
             # single-tensor loop.  Eager ones take foreach on every device (on the CPU
             # torch's default is the per-tensor loop, most of a step with many tensors).
             _sgd_functional(params, grads, sgd_bufs, foreach=not compiling,
-                            fused=False if compiling else None, **_sgd_hparams(group))
+                            fused=False if compiling else None, **sgd_hparams(group))
             if momentum and any(firsts):  # SGD made new buffers for first steps
                 for p, buf, first in zip(params, sgd_bufs, firsts):
                     if first:
@@ -710,9 +601,9 @@ class PILoT(Optimizer):
 
         ``m``, ``w`` and their momentum buffers stay fp32 whatever the parameters'
         dtype (``torch.optim.Optimizer`` would cast them to it).  The model's
-        parameters are never written: at the next step a tensor that equals the loaded
-        ``m ⊙ w`` (the model was loaded from the same checkpoint, before or after)
-        keeps the loaded state, any other is split again from its own value.
+        parameters are never written: at the next step every element that equals the
+        loaded ``m ⊙ w`` (the model was loaded from the same checkpoint, before or
+        after) keeps the loaded state, any other is split again from its own value.
 
         Load pre-hooks see, and may replace, the whole state dict (factors included);
         post-hooks see the loaded state.  Group keys missing from an older checkpoint
@@ -724,110 +615,13 @@ class PILoT(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state, groups = self._loaded(state_dict)
+        state, groups = loaded_state(self, state_dict)
         # Nothing has changed so far; commit.
         self.state, self.param_groups = state, groups
         self._derive_private()
         self.refresh_l1_()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _loaded(self, state_dict: dict[str, Any]) -> tuple:
-        """The state and param groups ``state_dict`` describes, built without touching
-        the optimizer; raises a ValueError naming the mismatch."""
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError("an optimizer state_dict is a dict with 'state' and 'param_groups'; "
-                             "pass the dict opt.state_dict() returned")
-        groups, saved_groups = self.param_groups, deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups but the optimizer has "
-                f"{len(groups)}; build the optimizer with the same groups as the saved one"
-            )
-        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-            if not isinstance(sg, dict) or "params" not in sg:
-                raise ValueError(f"param group {i} of the state_dict has no 'params'")
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(
-                    f"param group {i} has {len(g['params'])} tensors but the state_dict's has "
-                    f"{len(sg['params'])}; the model or its grouping differs from the saved one"
-                )
-        id_map = {pid: p for g, sg in zip(groups, saved_groups) for pid, p in zip(sg["params"], g["params"])}
-        new_groups = []
-        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-            new = {**self.defaults, **sg, "params": g["params"]}  # missing keys: our defaults
-            if "param_names" in g and "param_names" not in sg:
-                new["param_names"] = g["param_names"]
-            try:
-                _check_hparams(new)
-            except (TypeError, ValueError, KeyError) as e:
-                raise ValueError(f"param group {i} of the state_dict is invalid: {e}") from e
-            new_groups.append(new)
-
-        state: defaultdict = defaultdict(dict)
-        for key, saved in state_dict["state"].items():
-            if key in id_map:
-                p = id_map[key]
-                state[p] = self._loaded_tensor_state(key, p, saved, state_dict["param_groups"])
-            elif isinstance(key, int):
-                raise ValueError(
-                    f"state_dict has state for tensor id {key}, which none of its param "
-                    "groups lists; the state_dict is damaged or from another optimizer"
-                )
-            else:
-                state[key] = saved  # not a parameter's state: kept as is, as torch does
-        for new in new_groups:
-            for p in new["params"]:
-                if p not in state:
-                    if self.is_reparameterized(self.state.get(p, {})):
-                        raise ValueError(
-                            f"state_dict has no state for a reparameterized tensor of shape "
-                            f"{tuple(p.shape)}; it needs at least 'm' and 'w'"
-                        )
-                    state[p] = {}
-                if new["momentum"] != 0 and _STARTED not in state[p]:
-                    self._init_momentum(p, state[p])  # as when a tensor is added
-            if new["capturable"]:
-                self._hparams_to_device(new)
-        return state, new_groups
-
-    def _loaded_tensor_state(self, pid: Any, p: Tensor, saved: Any, saved_groups: list) -> dict:
-        if not isinstance(saved, dict):
-            raise ValueError(f"state of tensor {pid} must be a dict, got {type(saved).__name__}")
-        ours_now = self.is_reparameterized(self.state.get(p, {}))
-        theirs = "m" in saved
-        if ours_now != theirs:
-            raise ValueError(
-                f"tensor {pid} (shape {tuple(p.shape)}) is "
-                f"{'' if theirs else 'not '}reparameterized in the state_dict but "
-                f"{'' if ours_now else 'not '}in this optimizer; use the same reparam setting"
-            )
-        if theirs and "w" not in saved:
-            raise ValueError(f"state_dict entry of tensor {pid} has 'm' but no 'w'")
-        if theirs and ("momentum_m" in saved) != ("momentum_w" in saved):
-            raise ValueError(f"state_dict entry of tensor {pid} has only one of 'momentum_m' and 'momentum_w'")
-        out = {}
-        for n, v in saved.items():
-            if not isinstance(v, Tensor):
-                out[n] = deepcopy(v)
-                continue
-            if n in _FACTOR_KEYS + _MOMENTUM_KEYS + (_SGD_MOMENTUM_KEY,) and v.shape != p.shape:
-                raise ValueError(
-                    f"state_dict entry {n!r} of tensor {pid} has shape {tuple(v.shape)} but the "
-                    f"parameter has shape {tuple(p.shape)}; the model differs from the saved one"
-                )
-            if n in _FACTOR_KEYS + _MOMENTUM_KEYS:
-                # Factors and their momenta are fp32 whatever the parameter's dtype.
-                device = v.device if isinstance(v, DTensor) else _local(p).device
-                out[n] = v.detach().to(device=device, dtype=torch.float32, copy=True)
-            else:  # as torch.optim.Optimizer.load_state_dict does
-                out[n] = Optimizer._process_value_according_to_param_policy(p, v, pid, saved_groups, n)
-        if _STARTED not in out:  # older checkpoints: a saved buffer meant started
-            keys = _MOMENTUM_KEYS if theirs else (_SGD_MOMENTUM_KEY,)
-            if all(k in out for k in keys):
-                out[_STARTED] = True
-        return out
-
 
 def pilot(
     xs: list[Tensor],
@@ -905,7 +699,7 @@ def _fused_sgd_on_buffers(params, grads, bufs, firsts, group, grad_scale, found_
                 tensors[0],
                 tensors[1],
                 tensors[2] if momentum else [],
-                **_sgd_hparams(group),
+                **sgd_hparams(group),
                 is_first_step=is_first,
                 grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),

@@ -180,9 +180,9 @@ def test_unchanged_hyperparameters_are_not_checked_every_step(monkeypatch):
     opt = PILoT(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
     calls = []
-    real = O._check_hparams
-    monkeypatch.setattr(O, "_check_hparams", lambda *a, **k: calls.append(k.get("names")) or real(*a, **k))
-    _train(model, opt, 1)  # builds the plan: one full check
+    real = O.check_hparams
+    monkeypatch.setattr(O, "check_hparams", lambda *a, **k: calls.append(k.get("names")) or real(*a, **k))
+    _train(model, opt, 1)  # the first step: one full check
     calls.clear()
     for _ in range(4):
         _train(model, opt, 1)
