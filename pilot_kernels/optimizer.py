@@ -24,6 +24,7 @@ from ._checks import (HPARAM_KEYS, REPARAM_DTYPES, check_hparams, check_param, d
                       group_tensors, hparam_key, sgd_hparams, sparse_error, wants_split)
 from ._loading import loaded_state
 from .kernels import run_step, split_scalar
+from .kernels.layout import LayoutGuard
 from .kernels.api import StepExtras, StepHparams, StepTensors
 
 __all__ = ["PILoT", "pilot"]
@@ -41,22 +42,44 @@ _IS_SPARSE = operator.attrgetter("is_sparse")
 _FACTORS = operator.itemgetter("m", "w")
 _FACTORS_AND_MOMENTA = operator.itemgetter("m", "w", "momentum_m", "momentum_w", _STARTED)
 _SGD_MOMENTUM = operator.itemgetter(_SGD_MOMENTUM_KEY, _STARTED)
-_SHAPE = operator.attrgetter("shape")
-_DEVICE = operator.attrgetter("device")
+_M = operator.itemgetter("m")
 
 
-def _with_grads(params: list) -> tuple[list, list]:
-    """``params`` that have a gradient, and their gradients; sparse ones raise."""
+def _with_grads(params: list, states: list) -> tuple[list, list, list]:
+    """The ``params`` that have a gradient, their gradients and states; a sparse
+    gradient raises."""
     grads = list(map(_GRAD, params))
     try:
         sparse = any(map(_IS_SPARSE, grads))
     except AttributeError:  # a gradient is None: leave its tensor out
         has = list(map(operator.is_not, grads, repeat(None)))
-        params, grads = list(compress(params, has)), list(compress(grads, has))
+        params, grads, states = list(compress(params, has)), list(compress(grads, has)), list(compress(states, has))
         sparse = any(map(_IS_SPARSE, grads))
     if sparse:
         raise sparse_error(next(p for p, g in zip(params, grads) if g.is_sparse))
-    return params, grads
+    return params, grads, states
+
+
+class _GroupTensors:
+    """A group's tensors as the gather reads them: plain and reparameterized ones with
+    their state dicts (kept while the group's tensor list and the optimizer's state dict
+    are the same objects), and the ``(device, dtype)`` keys of the reparameterized ``x``
+    with a guard over their and their ``m``'s layouts."""
+
+    def __init__(self, params: list, state: dict, is_split: Callable[[dict], bool]):
+        self.params, self.n, self.state = params, len(params), state
+        entries = [(p, state.get(p)) for p in params]
+        self.dense = [p for p, s in entries if not (s and is_split(s))]
+        # A plain tensor without momentum has no state: an empty dict stands in for it.
+        self.dense_states = [s if s is not None else {} for p, s in entries if not (s and is_split(s))]
+        self.splits = [p for p, s in entries if s and is_split(s)]
+        self.split_states = [state[p] for p in self.splits]
+        self.guard: Optional[LayoutGuard] = None
+        self.keys: list = []
+
+    def remember_layout(self, xs: list, ms: list) -> None:
+        self.guard = LayoutGuard(xs + ms)
+        self.keys = sorted({(x.device, x.dtype) for x in xs}, key=str)
 
 
 # ---------------------------------------------------------------------- L1 norm
@@ -294,10 +317,10 @@ class PILoT(Optimizer):
 
     def _derive_private(self) -> None:
         """The private attributes that follow from param_groups and state."""
-        # Per group index: the hyperparameter key last checked, the group's tensors split
-        # into (plain, reparameterized) and the lists it was computed from (see _roles).
+        # Per group index: the hyperparameter key last checked, and the group's tensors
+        # as the gather reads them (see _tensors).
         self._checked: dict[int, tuple] = {}
-        self._role_cache: dict[int, tuple] = {}
+        self._group_tensors: dict[int, _GroupTensors] = {}
         # Per (group index, device, dtype): the backend's workspace, kept between steps.
         self._workspaces: dict[tuple, dict] = {}
         params = [p for g in getattr(self, "param_groups", []) for p in g["params"]]
@@ -462,75 +485,69 @@ class PILoT(Optimizer):
             key = hparam_key(group)
         if group["momentum"] != 0:  # momentum may have been switched on since
             for p in group["params"]:
-                if _STARTED not in self.state[p]:
+                if _STARTED not in self.state.get(p, {}):
                     self._init_momentum(p, self.state[p])
+                    self._group_tensors.pop(gi, None)  # it holds the states without buffers
         if not torch.compiler.is_compiling():
             self._checked[gi] = key
 
-    def _roles(self, gi: int, group: dict) -> tuple[list, list]:
-        """The group's tensors as ``(plain, reparameterized)``, recomputed only when its
-        tensor list or the state dict changed (a per-tensor state lookup per step costs
-        more than the rest of the gather)."""
+    def _tensors(self, gi: int, group: dict) -> "_GroupTensors":
+        """The group's tensors sorted into plain and reparameterized ones with their
+        state dicts, kept while the tensor list and the state dict are the same objects
+        (per-tensor state lookups would cost more than the rest of the gather), and the
+        layout of every reparameterized ``x`` and ``m`` checked in one call."""
         params, state = group["params"], self.state
-        cached = self._role_cache.get(gi)
-        if cached is not None and cached[0] is params and cached[1] == len(params) and cached[2] is state:
-            return cached[3], cached[4]
-        dense = [p for p in params if not self.is_reparameterized(state.get(p, {}))]
-        splits = [p for p in params if self.is_reparameterized(state.get(p, {}))]
-        if not torch.compiler.is_compiling():
-            self._role_cache[gi] = (params, len(params), state, dense, splits)
-        return dense, splits
+        t = self._group_tensors.get(gi)
+        if t is None or t.params is not params or t.n != len(params) or t.state is not state:
+            t = _GroupTensors(params, state, self.is_reparameterized)
+            if not torch.compiler.is_compiling():
+                self._group_tensors[gi] = t
+        xs = list(map(_local, t.splits)) if self._sharded else t.splits
+        ms = [_local(s["m"]) for s in t.split_states] if self._sharded else list(map(_M, t.split_states))
+        if t.guard is None or not t.guard.check(xs + ms):
+            # x and m no longer share the shapes and devices they had (a .data swap,
+            # model.to(), model.double()): reconcile, then remember the new layout.
+            self._follow_moves(group, t.splits)
+            ms = [_local(s["m"]) for s in t.split_states]
+            t.remember_layout(xs, ms)
+        return t
 
     def _gather(self, gi: int, group: dict) -> tuple:
         """Gather the tensors of ``group`` that have a gradient, changing nothing.
 
         Returns SGD's lists ``(params, grads, momentum buffers, firsts)`` for the plain
-        tensors and, per ``(device, dtype)`` of ``x``, :func:`pilot`'s seven lists for
-        the reparameterized ones.
+        tensors and, per ``(device, dtype)`` of ``x``, the parameters and :func:`pilot`'s
+        seven lists for the reparameterized ones.
         """
         self._check_group(gi, group)
         momentum = group["momentum"] != 0
-        dense, splits = self._roles(gi, group)
-        state = self.state
+        t = self._tensors(gi, group)
 
-        params, grads = _with_grads(dense)
+        params, grads, states = _with_grads(t.dense, t.dense_states)
         if momentum and params:
-            bufs, started = zip(*map(_SGD_MOMENTUM, map(state.__getitem__, params)))
+            bufs, started = zip(*map(_SGD_MOMENTUM, states))
             plain = (params, grads, list(bufs), list(map(operator.not_, started)))
         else:
             plain = (params, grads, [], [])
 
-        buckets: dict[tuple, list] = {}
-        ps, gs = _with_grads(splits)
+        ps, gs, states = _with_grads(t.splits, t.split_states)
         if not ps:
-            return plain, buckets
-        xs = list(map(_local, ps)) if self._sharded else ps
-        if self._sharded:
-            gs = list(map(_local, gs))
-        cols = zip(*map(_FACTORS_AND_MOMENTA if momentum else _FACTORS, map(state.__getitem__, ps)))
+            return plain, {}
+        cols = zip(*map(_FACTORS_AND_MOMENTA if momentum else _FACTORS, states))
         if momentum:
             ms, ws, bms, bws, started = map(list, cols)
             firsts = list(map(operator.not_, started))
         else:
-            ms, ws = map(list, cols)
-            bms = bws = None
+            (ms, ws), bms, bws = map(list, cols), None, None
             firsts = [True] * len(ps)
+        lists = [ps, gs, ms, ws, bms, bws, firsts]
         if self._sharded:
-            ms, ws = list(map(_local, ms)), list(map(_local, ws))
-            if momentum:
-                bms, bws = list(map(_local, bms)), list(map(_local, bws))
-        if list(map(_SHAPE, xs)) != list(map(_SHAPE, ms)) or list(map(_DEVICE, xs)) != list(map(_DEVICE, ms)):
-            self._follow_moves(group, ps)  # rare: a .data swap to another shape or device
-            return self._gather(gi, group)
-        keys = {(x.device, x.dtype) for x in xs}
-        for _, dtype in keys:
-            if dtype not in REPARAM_DTYPES:
-                raise dtype_error(next(x for x in xs if x.dtype == dtype))
-        lists = [xs, gs, ms, ws, bms, bws, firsts]
-        if len(keys) == 1:
-            return plain, {keys.pop(): (ps, lists)}
-        for i, x in enumerate(xs):
-            b_ps, b_lists = buckets.setdefault((x.device, x.dtype), ([], [None if col is None else [] for col in lists]))
+            lists = [None if col is None else list(map(_local, col)) for col in lists[:6]] + [firsts]
+        if len(t.keys) == 1:
+            return plain, {t.keys[0]: (ps, lists)}
+        buckets: dict = {}
+        for i, x in enumerate(lists[0]):
+            b_ps, b_lists = buckets.setdefault((x.device, x.dtype), ([], [None if c is None else [] for c in lists]))
             b_ps.append(ps[i])
             for col, b_col in zip(lists, b_lists):
                 if col is not None:
@@ -552,7 +569,6 @@ class PILoT(Optimizer):
                 for k in _FACTOR_KEYS + _MOMENTUM_KEYS:
                     if k in state:
                         state[k] = state[k].to(x.device)
-        self._workspaces.clear()
 
     def _mark_started(self, params: list, firsts: list) -> None:
         """After a step, every tensor's momentum holds history."""
@@ -565,11 +581,12 @@ class PILoT(Optimizer):
         """torch.optim.SGD's own step for the tensors that are not split.
 
         ``bufs`` are the zero-allocated momentum buffers (empty without momentum) and
-        ``firsts`` whether each holds no history yet.  Without AMP and capturable mode
-        this is ``torch.optim.sgd.sgd(foreach=True)`` itself, bit for bit: a first step
-        passes ``None`` and SGD returns ``b = g`` in a new buffer.  With a ``found_inf``
-        (AMP) or device hyperparameters (capturable) it is torch's fused SGD kernel on our
-        own buffers (:func:`_fused_sgd_on_buffers`).
+        ``firsts`` whether each holds no history yet.  Eager steps without AMP are
+        ``torch.optim.sgd.sgd(foreach=True)`` itself, bit for bit (a first step passes
+        ``None`` and SGD returns ``b = g`` in a new buffer); compiled ones its
+        single-tensor loop (the foreach and fused paths are graph breaks).  With a
+        ``found_inf`` (AMP) or device hyperparameters (capturable) it is torch's fused
+        SGD kernel on our own buffers (:func:`_fused_sgd_on_buffers`).
         """
         momentum = group["momentum"] != 0
         compiling = torch.compiler.is_compiling()
@@ -582,11 +599,8 @@ class PILoT(Optimizer):
                 sgd_bufs = [None] * len(params)
             if group["nesterov"] and not group["maximize"] and group["weight_decay"] == 0:
                 grads = [g.clone() for g in grads]  # foreach SGD adds μ·b into them in place
-            # torch's fused SGD is opaque to Dynamo (a graph break): compiled steps take the
-            # single-tensor loop.  Eager ones take foreach on every device (on the CPU
-            # torch's default is the per-tensor loop, most of a step with many tensors).
-            _sgd_functional(params, grads, sgd_bufs, foreach=not compiling,
-                            fused=False if compiling else None, **sgd_hparams(group))
+            _sgd_functional(params, grads, sgd_bufs, foreach=not compiling, fused=False,
+                            **sgd_hparams(group))
             if momentum and any(firsts):  # SGD made new buffers for first steps
                 for p, buf, first in zip(params, sgd_bufs, firsts):
                     if first:
