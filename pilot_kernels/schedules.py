@@ -50,15 +50,16 @@ starts at exactly the α0 the optimizer was built with** and ``α0`` is the valu
 for the first period.  The geometric schedule after ``n`` calls of ``step()`` is
 ``α0 · p^n``, i.e. the paper's ``α0 · p^k`` with ``α0`` re-based by one factor ``p``.
 
-Adaptive schedule (paper Algorithm 1): :class:`AdaptiveAlpha`, stepped once per epoch
-with the epoch's training accuracy.  It scales α by δ or 1/δ, so it needs α0 > 0 (an α
-of 0 could never grow) and a finite δ >= 1; it refuses anything else with a message
-that says what to pass.
-
-Target sparsity (ours, beyond the paper): :class:`TargetSparsity` steers α towards a
-model that prunes well at a chosen sparsity, reading :func:`prunable_share`, the share
-of ``Σ|x|`` held by the smallest ``target`` fraction of the reparameterized entries (a
-measure that does not depend on the model's size or scale, unlike Algorithm 1's ``K``).
+Controllers (paper Algorithm 1, and ours): :class:`AdaptiveAlpha` and
+:class:`TargetSparsity` are stepped once per period with the period's training accuracy
+and multiply every group's current α by a factor their rule picks (so they need α0 > 0:
+an α of 0 could never grow).  :class:`AdaptiveAlpha` reads ``L1 = Σ|x|``;
+:class:`TargetSparsity` reads :func:`~pilot_kernels.sparsity.prunable_share`, the share of
+``Σ|x|`` held by the smallest ``target`` fraction of the entries (a measure that does not
+depend on the model's size or scale, unlike Algorithm 1's ``K``).  Given ``chance=``, the
+accuracy of a constant guess, neither raises α while the accuracy is near chance, and
+both cut it (:meth:`~AdaptiveAlpha.near_chance` gives the margin): a model that has not
+learnt, or has collapsed, is not pushed further.
 
 Other optimizers.  The schedulers only read and write ``group["alpha"]``: any
 ``torch.optim.Optimizer`` whose every param group carries an ``"alpha"`` entry can be
@@ -68,6 +69,8 @@ with ``group["alpha"]``).  The entry travels with ``optimizer.state_dict()`` lik
 group hyperparameter.  :class:`TargetSparsity` then needs ``measure=``, the tensors
 whose prunability it reads (PILoT marks its reparameterized tensors itself);
 :class:`AdaptiveAlpha` needs PILoT's ``l1_norm()``.
+
+Measurements behind the defaults: ``docs/schedules.md`` and ``docs/target_sparsity.md``.
 """
 from __future__ import annotations
 
@@ -78,11 +81,11 @@ import weakref
 from numbers import Real
 from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .dtensor import all_reduce_over_shards_, local, shard_groups
+# prunable_share and SHARE_REL_ERROR are re-exported: they were defined here before.
+from .sparsity import SHARE_REL_ERROR, _check_fraction, _finite_real, _share_tensors, prunable_share
 
 __all__ = [
     "AlphaScheduler",
@@ -93,6 +96,7 @@ __all__ = [
     "AdaptiveAlpha",
     "TargetSparsity",
     "prunable_share",
+    "SHARE_REL_ERROR",
 ]
 
 
@@ -118,26 +122,41 @@ def _check_alpha_optimizer(optimizer: Any) -> None:
 #: progress: a list with one ``{"type": class name, "state": {...}}`` per scheduler.
 STATE_KEY = "alpha_schedulers"
 
+#: Entries older versions wrote into a scheduler's state and that mean nothing now;
+#: dropped on load (``_multiplier`` was always 1.0 between steps).
+_OBSOLETE_KEYS = frozenset({"_multiplier"})
+
+
+def _saved_entries(groups: list[dict]) -> Optional[list[dict]]:
+    """A copy of the schedulers' progress saved in ``groups``; None when there is none."""
+    entries = next((g[STATE_KEY] for g in groups if STATE_KEY in g), None)
+    return None if entries is None else copy.deepcopy(list(entries))
+
 
 class _Attached:
-    """The α schedulers attached to one optimizer, and saved progress not yet claimed.
+    """The α schedulers attached to one optimizer, in the order they were built, and the
+    saved progress no scheduler has claimed yet.
 
-    Held in a WeakKeyDictionary keyed by the optimizer, with weak references to the
-    schedulers: neither keeps the other alive, and nothing is stored on the optimizer
-    except the published ``STATE_KEY`` entry of its param groups.
+    Found through ``_ATTACHED``, a WeakKeyDictionary keyed by the optimizer, with weak
+    references to the schedulers: neither keeps the other alive.  A side table rather than
+    an attribute, because optimizers that pickle their whole ``__dict__`` (accelerate's
+    ``AcceleratedOptimizer``) would then pickle weak references, which cannot be pickled.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.schedulers: list[weakref.ref] = []
-        # Saved entries beyond the attached schedulers: claimed, in order, by the next
-        # schedulers built.  An optimizer that arrives with entries already in its groups
-        # (a deepcopy or unpickled copy of one with schedulers) starts with them pending.
-        groups = optimizer.param_groups
-        self.pending: list[dict] = list(groups[0].get(STATE_KEY, [])) if groups else []
-        self.incoming: Optional[list[dict]] = None  # seen by the load pre-hook
+        # An optimizer that arrives with entries in its groups (a deepcopy or unpickled
+        # copy of one with schedulers) has them pending, for the next schedulers built.
+        self.pending: list[dict] = _saved_entries(optimizer.param_groups) or []
         optimizer.register_state_dict_pre_hook(_publish_hook)
-        optimizer.register_load_state_dict_pre_hook(_load_pre_hook)
         optimizer.register_load_state_dict_post_hook(_load_post_hook)
+
+    @staticmethod
+    def of(optimizer: Optimizer) -> "_Attached":
+        record = _ATTACHED.get(optimizer)
+        if record is None:
+            record = _ATTACHED[optimizer] = _Attached(optimizer)
+        return record
 
     def alive(self) -> list["AlphaScheduler"]:
         live = [s for s in (r() for r in self.schedulers) if s is not None]
@@ -145,8 +164,15 @@ class _Attached:
             self.schedulers = [weakref.ref(s) for s in live]
         return live
 
+    def attach(self, scheduler: "AlphaScheduler") -> None:
+        """Append ``scheduler``; it takes the first pending slot, applied or not (slots stay in order)."""
+        if self.pending:
+            self.pending.pop(0)
+        self.alive()
+        self.schedulers.append(weakref.ref(scheduler))
+
     def publish(self, optimizer: Optimizer) -> None:
-        """Write every scheduler's progress (and pending entries) into the live groups.
+        """Write every scheduler's progress (and the pending entries) into the live groups.
 
         Always a fresh list: a state_dict taken earlier (torch copies groups shallowly)
         keeps the snapshot it was taken with."""
@@ -165,16 +191,12 @@ def _publish_hook(optimizer: Optimizer) -> None:
     _ATTACHED[optimizer].publish(optimizer)
 
 
-def _load_pre_hook(optimizer: Optimizer, state_dict: dict) -> None:
-    groups = state_dict.get("param_groups") or [{}]
-    entries = next((g[STATE_KEY] for g in groups if STATE_KEY in g), None)
-    _ATTACHED[optimizer].incoming = None if entries is None else copy.deepcopy(list(entries))
-
-
 def _load_post_hook(optimizer: Optimizer) -> None:
+    # The loaded groups hold what was saved; a state_dict without schedules leaves the
+    # schedulers alone.
     record = _ATTACHED[optimizer]
-    entries, record.incoming = record.incoming, None
-    if entries is not None:  # a state_dict without schedules leaves the schedulers alone
+    entries = _saved_entries(optimizer.param_groups)
+    if entries is not None:
         live = record.alive()
         for scheduler, entry in zip(live, entries):
             scheduler._restore(entry)
@@ -228,16 +250,12 @@ class AlphaScheduler:
         self.base_alphas: list[float] = [float(g["initial_alpha"]) for g in optimizer.param_groups]
         self.last_epoch = last_epoch
         self._last_alpha: list[float] = []
-        record = _ATTACHED.get(optimizer) or _ATTACHED.setdefault(optimizer, _Attached(optimizer))
+        record = _Attached.of(optimizer)
         saved = record.pending[0] if record.pending else None
         if not (saved is not None and resume and last_epoch == -1 and self._restore(saved)):
             self._advance()
-        # Attached only once built: a constructor that raised leaves no trace.  The
-        # saved entry is consumed whether or not it was applied (slots stay in order).
-        if saved is not None:
-            record.pending.pop(0)
-        record.alive()
-        record.schedulers.append(weakref.ref(self))
+        # Attached only once built: a constructor that raised leaves no trace.
+        record.attach(self)
         record.publish(optimizer)
 
     # ------------------------------------------------------------------ schedule
@@ -252,9 +270,11 @@ class AlphaScheduler:
         factor = self._factor(self.last_epoch + 1)
         return [a0 * factor for a0 in self.base_alphas]
 
-    def _advance(self) -> None:
+    def _advance(self, alphas: Optional[list[float]] = None) -> None:
+        """Count one period and write ``alphas`` (default: :meth:`_compute_alphas`'s)."""
         self.last_epoch += 1
-        alphas = self._compute_alphas()
+        if alphas is None:
+            alphas = self._compute_alphas()
         for group, alpha in zip(self.optimizer.param_groups, alphas):
             if isinstance(group["alpha"], Tensor):
                 # Capturable PILoT: a replayed CUDA graph reads alpha in place.
@@ -283,10 +303,11 @@ class AlphaScheduler:
 
         Like ``lr_scheduler``, this does not touch the optimizer: load the optimizer's
         own state_dict too (it holds the current ``alpha`` of every group, and usually
-        this scheduler's progress already; see the module docstring).
+        this scheduler's progress already; see the module docstring).  Entries a newer
+        version added and an older state lacks keep this scheduler's values.
         """
         self._check_groups(state_dict)
-        self.__dict__.update(state_dict)
+        self.__dict__.update({k: v for k, v in state_dict.items() if k not in _OBSOLETE_KEYS})
         self._publish()
 
     def _check_groups(self, state_dict: dict[str, Any]) -> None:
@@ -311,7 +332,8 @@ class AlphaScheduler:
                 stacklevel=3,
             )
             return False
-        progress = {k: v for k, v in entry["state"].items() if k not in self._SETTINGS}
+        skip = _OBSOLETE_KEYS.union(self._SETTINGS)
+        progress = {k: v for k, v in entry["state"].items() if k not in skip}
         self._check_groups(progress)
         self.__dict__.update(copy.deepcopy(progress))
         return True
@@ -325,12 +347,7 @@ class AlphaScheduler:
         # A deepcopy or unpickled scheduler drives the copy of its optimizer: attach to
         # it, taking the place of its own published entry.
         self.__dict__.update(state)
-        optimizer = self.optimizer
-        record = _ATTACHED.get(optimizer) or _ATTACHED.setdefault(optimizer, _Attached(optimizer))
-        if record.pending:
-            record.pending.pop(0)
-        record.alive()
-        record.schedulers.append(weakref.ref(self))
+        _Attached.of(self.optimizer).attach(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(last_epoch={self.last_epoch}, alpha={self._last_alpha})"
@@ -382,10 +399,7 @@ class GeometricAlpha(AlphaScheduler):
         return self.p ** (k - 1)
 
 
-def _finite_real(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
+# ---------------------------------------------------------------------- controllers
 def _check_total_epochs(total_epochs: Any) -> None:
     if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
         raise ValueError(
@@ -394,9 +408,9 @@ def _check_total_epochs(total_epochs: Any) -> None:
         )
 
 
-def _check_alpha0_positive(optimizer: Optimizer, who: str = "AdaptiveAlpha scales α by δ or 1/δ") -> None:
+def _check_alpha0_positive(optimizer: Optimizer, who: str) -> None:
     """Raise if every group that holds reparameterized tensors (any optimizer other than
-    PILoT: every group) has α = 0: ·δ keeps it 0."""
+    PILoT: every group) has α = 0: a factor keeps it 0."""
     is_split = getattr(optimizer, "is_reparameterized", None)
     groups = optimizer.param_groups
     if callable(is_split):
@@ -410,7 +424,142 @@ def _check_alpha0_positive(optimizer: Optimizer, who: str = "AdaptiveAlpha scale
         )
 
 
-class AdaptiveAlpha(AlphaScheduler):
+def _check_chance(chance: Any) -> Optional[float]:
+    if chance is None:
+        return None
+    if not _finite_real(chance) or not chance > 0.0:
+        raise ValueError(
+            f"Invalid chance: {chance!r}; pass the training accuracy of a constant guess in the "
+            "units of train_acc (1/num_classes for balanced classes and accuracies in 0..1, "
+            "100/num_classes in percent), or None when it is not known"
+        )
+    return float(chance)
+
+
+def _to_float(train_acc: Union[float, Tensor]) -> float:
+    if isinstance(train_acc, Tensor):
+        if train_acc.numel() != 1:
+            raise ValueError(
+                f"train_acc must be a number or a one-element tensor, got shape "
+                f"{tuple(train_acc.shape)}; reduce it first (e.g. correct.float().mean())"
+            )
+        acc = float(train_acc.item())
+    elif isinstance(train_acc, Real):
+        acc = float(train_acc)
+    else:
+        raise TypeError(f"train_acc must be a float or a tensor, got {type(train_acc).__name__}")
+    if not math.isfinite(acc):
+        raise ValueError(f"train_acc must be finite, got {acc}; check the accuracy computation")
+    return acc
+
+
+class _AccuracyController(AlphaScheduler):
+    r"""Base of :class:`AdaptiveAlpha` and :class:`TargetSparsity`: ``α ← α · f``, once a
+    period, with the factor ``f`` of the action the period's training accuracy and a
+    measure of the weights call for.
+
+    :meth:`step` reads the measure (:meth:`_read`), picks the action with :meth:`decide`
+    and multiplies every group's *current* α by its factor (:meth:`_multipliers`), so
+    groups keep their ratios and α continues from the value a loaded optimizer holds.
+    With :math:`k` = ``last_epoch + 1``, :math:`D = \lfloor \text{decay\_start} \cdot T
+    \rfloor` and :math:`a_k` the accuracy, the actions are, in this order:
+
+    * ``"decay"`` if :math:`k > D` (the decay phase, whatever the measure and accuracy);
+    * ``"chance"`` if :meth:`near_chance` (:math:`a_k`): multiplied by the down factor,
+      never raised;
+    * ``"grow"`` if the subclass's test :meth:`_pushes` holds, else ``"shrink"``.
+
+    Subclasses set the settings and progress attributes of their rule, then call
+    ``super().__init__``; they define :meth:`_read`, :meth:`_pushes`, :meth:`_record` and
+    :meth:`_multipliers`.
+    """
+
+    #: :meth:`near_chance`: an accuracy at most this fraction of chance above chance is
+    #: chance (with 2 balanced classes, up to 60% of 100).
+    CHANCE_MARGIN = 0.2
+    #: :meth:`near_chance`: an accuracy that has lost this fraction of its best lead over
+    #: chance has fallen to chance.
+    CHANCE_LEAD = 0.5
+
+    def __init__(self, optimizer: Optimizer, total_epochs: int, chance: Optional[float],
+                 last_epoch: int, resume: bool) -> None:
+        self.chance = _check_chance(chance)
+        self.total_epochs = total_epochs
+        self.best_acc = 0.0
+        self.last_action: Optional[str] = None
+        super().__init__(optimizer, last_epoch, resume=resume)
+
+    def _compute_alphas(self) -> list[float]:
+        # The initial step keeps every group's α: the rule moves it from there.
+        return [float(group["alpha"]) for group in self.optimizer.param_groups]
+
+    def near_chance(self, acc: float) -> bool:
+        r"""Whether the accuracy ``acc`` counts as chance: with :math:`c` = ``chance`` and
+        :math:`\hat a` = ``best_acc`` (the best before this period),
+
+        .. math::
+            a - c \le \max\bigl(μ\, c,\ λ\, (\hat a - c)\bigr)
+            \qquad (μ = \texttt{CHANCE\_MARGIN} = 0.2,\ λ = \texttt{CHANCE\_LEAD} = 0.5)
+
+        i.e. not clearly above chance (the first term: with 2 balanced classes, up to 60%)
+        or fallen back at least halfway from the best to chance (the second term: a
+        collapse).  A model that has not learnt gains nothing from sparser weights, and
+        one that collapses needs less α, not more.  Always False when ``chance`` is None.
+        """
+        c = self.chance
+        if c is None:
+            return False
+        return acc - c <= max(self.CHANCE_MARGIN * c, self.CHANCE_LEAD * (self.best_acc - c))
+
+    def decide(self, measured: float, acc: float) -> str:
+        """The rule alone: ``"grow"``, ``"shrink"``, ``"decay"`` or ``"chance"`` for period
+        ``k = last_epoch + 1`` with the measure ``measured`` and accuracy ``acc``; changes
+        nothing."""
+        k = self.last_epoch + 1
+        if k > math.floor(self.decay_start * self.total_epochs):
+            return "decay"
+        if self.near_chance(acc):
+            return "chance"
+        return "grow" if self._pushes(measured, acc) else "shrink"
+
+    def step(self, train_acc: Union[float, Tensor]) -> None:  # type: ignore[override]
+        """End period ``k = last_epoch + 1`` with its training accuracy ``train_acc``.
+
+        Args:
+            train_acc (float | Tensor): the period's training accuracy, a number or a
+                one-element tensor (any scale, e.g. 0..1 or 0..100, used consistently,
+                ``chance`` included).
+        """
+        acc = _to_float(train_acc)
+        measured = self._read()
+        action = self.decide(measured, acc)
+        factors = self._multipliers()
+        factor = factors["shrink" if action == "chance" else action]
+        self._advance([alpha * factor for alpha in self._compute_alphas()])
+        self.best_acc = max(self.best_acc, acc)
+        self.last_action = action
+        self._record(measured, acc)
+        self._publish()
+
+    # ------------------------------------------------------------------ the rule's parts
+    def _read(self) -> float:
+        """The period's measure of the weights (one host sync); raises before any change."""
+        raise NotImplementedError
+
+    def _pushes(self, measured: float, acc: float) -> bool:
+        """Whether, in the control phase and off chance, α grows."""
+        raise NotImplementedError
+
+    def _record(self, measured: float, acc: float) -> None:
+        """Keep what the next period's rule needs."""
+        raise NotImplementedError
+
+    def _multipliers(self) -> dict[str, float]:
+        """α's factor for ``"grow"``, ``"shrink"`` (also ``"chance"``) and ``"decay"``."""
+        raise NotImplementedError
+
+
+class AdaptiveAlpha(_AccuracyController):
     r"""Algorithm 1 of the paper: grow α while training goes well, then decay it.
 
     Call :meth:`step` once at the end of every epoch ``k = 1, …, T`` with that epoch's
@@ -420,7 +569,8 @@ class AdaptiveAlpha(AlphaScheduler):
     .. math::
         α \leftarrow
         \begin{cases}
-            α \cdot δ & \text{if } a_k \ge a_{k-1} \text{ and } L_1 > K \text{ and } k \le T/2 \\
+            α \cdot δ & \text{if } a_k \ge a_{k-1} \text{ and } L_1 > K \text{ and } k \le T/2
+                        \text{ and } a_k \text{ is not near chance} \\
             α / δ     & \text{otherwise}
         \end{cases}
 
@@ -430,6 +580,8 @@ class AdaptiveAlpha(AlphaScheduler):
     ``δ = 1`` keeps α constant (spred).  The schedule is multiplicative: it reads the
     groups' current ``alpha`` (restored with the optimizer's state_dict), so α0 must be
     positive: the groups that hold reparameterized tensors may not all start at α = 0.
+    "Near chance" (ours, off unless ``chance`` is given) is :meth:`near_chance`:
+    Algorithm 1 alone raises α whenever the accuracy did not drop, also at chance.
 
     Args:
         optimizer (Optimizer): a :class:`pilot_kernels.PILoT` (needs ``l1_norm()``).
@@ -440,20 +592,29 @@ class AdaptiveAlpha(AlphaScheduler):
             the check.
         last_epoch (int): as for :class:`AlphaScheduler`.
         resume (bool): as for :class:`AlphaScheduler`.
+        chance (float | None): keyword only; the training accuracy of a constant guess,
+            in the units of ``train_acc`` (``1/num_classes`` for balanced classes; the
+            largest class's share otherwise).  ``None`` (default): unknown, no guard.
 
     Attributes:
         previous_acc (float): :math:`a_{k-1}`, 0 before the first step.
+        best_acc (float): the best accuracy so far, 0 before the first step.
         last_l1 (float | None): the :math:`L_1` read by the last step.
+        last_action (str | None): ``"grow"``, ``"shrink"``, ``"decay"`` (after ``T/2``)
+            or ``"chance"``; the last three divide by δ.
 
     Example::
 
-        >>> sched = AdaptiveAlpha(opt, total_epochs=100, l1_threshold=8000)
+        >>> sched = AdaptiveAlpha(opt, total_epochs=100, l1_threshold=8000, chance=0.1)
         >>> for epoch in range(100):
         ...     train_acc = train_one_epoch(model, opt)
         ...     sched.step(train_acc)
     """
 
-    _SETTINGS = ("total_epochs", "delta", "l1_threshold")
+    _SETTINGS = ("total_epochs", "chance", "delta", "l1_threshold")
+
+    #: Algorithm 1 decays after ``T/2``.
+    decay_start = 0.5
 
     def __init__(
         self,
@@ -464,6 +625,7 @@ class AdaptiveAlpha(AlphaScheduler):
         last_epoch: int = -1,
         *,
         resume: bool = True,
+        chance: Optional[float] = None,
     ) -> None:
         _check_alpha_optimizer(optimizer)
         _check_total_epochs(total_epochs)
@@ -477,237 +639,77 @@ class AdaptiveAlpha(AlphaScheduler):
                 f"Invalid l1_threshold: {l1_threshold!r}; K must be a finite number >= 0 "
                 "(0 disables the L1 check)"
             )
-        _check_alpha0_positive(optimizer)
+        _check_alpha0_positive(optimizer, "AdaptiveAlpha scales α by δ or 1/δ")
         if not callable(getattr(optimizer, "l1_norm", None)):
             raise TypeError(
                 f"AdaptiveAlpha reads optimizer.l1_norm(), which {type(optimizer).__name__} "
                 "does not have; pass a pilot_kernels.PILoT optimizer"
             )
-        self.total_epochs = total_epochs
         self.delta = float(delta)
         self.l1_threshold = float(l1_threshold)
         self.previous_acc = 0.0
-        self.last_l1: Union[float, None] = None
-        self._multiplier = 1.0  # set by step() for the duration of one _advance()
-        super().__init__(optimizer, last_epoch, resume=resume)
+        self.last_l1: Optional[float] = None
+        super().__init__(optimizer, total_epochs, chance, last_epoch, resume)
 
-    def _compute_alphas(self) -> list[float]:
-        return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
+    def _read(self) -> float:
+        return float(self.optimizer.l1_norm())
 
-    def step(self, train_acc: Union[float, Tensor]) -> None:  # type: ignore[override]
-        """End epoch ``k = last_epoch + 1`` with its training accuracy ``train_acc``.
+    def _pushes(self, l1: float, acc: float) -> bool:
+        return acc >= self.previous_acc and l1 > self.l1_threshold
 
-        Args:
-            train_acc (float | Tensor): the epoch's training accuracy, a number or a
-                one-element tensor (any scale, e.g. 0..1 or 0..100, used consistently).
-        """
-        acc = self._to_float(train_acc)
-        l1 = float(self.optimizer.l1_norm())  # one host sync per epoch
-        k = self.last_epoch + 1
-        grow = acc >= self.previous_acc and l1 > self.l1_threshold and 2 * k <= self.total_epochs
-        self._multiplier = self.delta if grow else 1.0 / self.delta
-        try:
-            self._advance()
-        finally:
-            self._multiplier = 1.0
+    def _record(self, l1: float, acc: float) -> None:
         self.previous_acc = acc
         self.last_l1 = l1
-        self._publish()
 
-    @staticmethod
-    def _to_float(train_acc: Union[float, Tensor]) -> float:
-        if isinstance(train_acc, Tensor):
-            if train_acc.numel() != 1:
-                raise ValueError(
-                    f"train_acc must be a number or a one-element tensor, got shape "
-                    f"{tuple(train_acc.shape)}; reduce it first (e.g. correct.float().mean())"
-                )
-            acc = float(train_acc.item())
-        elif isinstance(train_acc, Real):
-            acc = float(train_acc)
-        else:
-            raise TypeError(f"train_acc must be a float or a tensor, got {type(train_acc).__name__}")
-        if not math.isfinite(acc):
-            raise ValueError(f"train_acc must be finite, got {acc}; check the accuracy computation")
-        return acc
+    def _multipliers(self) -> dict[str, float]:
+        return {"grow": self.delta, "shrink": 1.0 / self.delta, "decay": 1.0 / self.delta}
 
 
-# ---------------------------------------------------------------------- target sparsity
-# prunable_share bins |x| by the top bits of its fp32 bit pattern, which for a number
-# >= 0 orders like its value: the 8 exponent bits and the first _SHARE_MANTISSA_BITS
-# mantissa bits.  Every bin spans a relative width of at most 2^-7 whatever the scale of
-# the weights, so the measure's error bound is scale free too.  Exponents outside
-# [2^-64, 2^64) share the first or the last bin (their counts and sums stay exact).
-_SHARE_MANTISSA_BITS = 7
-_SHARE_EXP_LO, _SHARE_EXP_HI = -64, 64
-_SHARE_BINS = (_SHARE_EXP_HI - _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS  # 16384
-#: One bin's relative width: :func:`prunable_share` is within ``(1 + this)^power - 1``
-#: of the exact share, relatively.
-SHARE_REL_ERROR = 2.0 ** -_SHARE_MANTISSA_BITS
-
-
-def _share_tensors(source: Any) -> list[Tensor]:
-    """The tensors :func:`prunable_share` measures: an optimizer's reparameterized ones
-    (PILoT's ``is_reparameterized`` state), or the given tensors."""
-    if isinstance(source, Optimizer):
-        is_split = getattr(source, "is_reparameterized", None)
-        if not callable(is_split):
-            raise TypeError(
-                f"{type(source).__name__} does not mark reparameterized tensors; pass a "
-                "pilot_kernels.PILoT optimizer, or the tensors to measure (e.g. the model's weights)"
-            )
-        tensors = [p for g in source.param_groups for p in g["params"]
-                   if is_split(source.state.get(p, {}))]  # .get: state is a defaultdict
-        if not tensors:
-            raise ValueError(
-                f"the {type(source).__name__} reparameterizes no tensor (reparam=False, or no "
-                "tensor with ndim >= 2), so there are no weights whose sparsity α drives"
-            )
-        return tensors
-    if isinstance(source, Tensor):
-        return [source]
-    tensors = list(source)
-    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
-        raise TypeError("pass a PILoT optimizer, a tensor or a non-empty iterable of tensors")
-    return tensors
-
-
-def _check_fraction(name: str, value: Any, hint: str) -> float:
-    if not _finite_real(value) or not 0.0 < value < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be a fraction strictly between 0 and 1 ({hint})")
-    return float(value)
-
-
-@torch.no_grad()
-def _share_histogram(x: Tensor, power: int) -> Tensor:
-    """``(2, B)`` float64 on ``x``'s device: the count and ``Σ|x|^power`` of ``x``'s
-    entries in each magnitude bin.  Deterministic with ``torch.use_deterministic_algorithms``
-    (integer bincount and a 1-D ``scatter_add_``); no host sync."""
-    a = x.detach().abs().float().flatten().contiguous()
-    # Bit pattern of a float >= 0: exponent field · 2^23 + mantissa, monotone in the value.
-    # NaN has exponent 255 and lands in the last bin; its sum makes the total NaN.
-    key = a.view(torch.int32) >> (23 - _SHARE_MANTISSA_BITS)
-    key = (key - ((127 + _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS)).clamp_(0, _SHARE_BINS - 1).long()
-    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=a.device)
-    hist[0] = torch.bincount(key, minlength=_SHARE_BINS)
-    weight = a.double()
-    hist[1].scatter_add_(0, key, weight if power == 1 else weight.square_())
-    return hist
-
-
-@torch.no_grad()
-def prunable_share(source: Any, target: float, power: int = 1) -> Tensor:
-    r"""Share of ``Σ|x|^power`` held by the smallest ``target`` fraction of the entries.
-
-    With :math:`|x|_{(1)} \le \dots \le |x|_{(n)}` the magnitudes of all ``n`` entries of
-    the measured tensors together (one global ranking, as :func:`pilot_kernels.prune_`
-    with ``scope="global"``) and :math:`k = \operatorname{round}(\text{target} \cdot n)`:
-
-    .. math::
-        s = \frac{\sum_{i \le k} |x|_{(i)}^{\,q}}{\sum_{i \le n} |x|_{(i)}^{\,q}}
-        \qquad (q = \text{power};\ s = 0 \text{ when every entry is } 0)
-
-    ``s`` is what one-shot magnitude pruning to ``target`` removes, as a fraction of the
-    weights' L1 norm (``power=1``) or squared L2 norm (``power=2``): 0 for a model that
-    prunes losslessly, ``target`` for one whose entries are all equal.  It is a ratio of
-    two sums over the same entries, so it does not change when the weights are scaled
-    and does not grow with the number of parameters.
-
-    Computed from a histogram of the magnitudes with bins of relative width
-    ``SHARE_REL_ERROR = 2^-7`` (the fp32 exponent and 7 mantissa bits; 16,384 bins):
-    counts and ``Σ|x|^q`` per bin, then the bin holding the ``k``-th entry, of whose
-    ``j`` entries still needed the bin's mean is taken.  That mean is off by less than
-    one bin width, so :math:`|\hat s - s| \le ((1 + 2^{-7})^q - 1)\, s`: :math:`2^{-7} s`
-    for ``power=1``, :math:`(2^{-6} + 2^{-14})\, s` for ``power=2`` (for magnitudes in
-    :math:`[2^{-64}, 2^{64})`); exact when the entries of that bin are equal.  Cost: a few elementwise passes over the entries (``abs``, the bin index,
-    a bincount and a ``scatter_add_``, tensor by tensor, with about 24 bytes of
-    temporaries per entry of the largest tensor), a few ops on the 16,384 bins, and no
-    host sync (25M entries take 1.3 s on 2 busy CPU cores): the result is a 0-dim
-    float64 tensor on the first tensor's device.  Under FSDP2 (DTensor parameters) each rank bins its local shards
-    and the ``2 × 16,384`` histogram (256 KiB) is all-reduced over the shard dims, one
-    collective: every rank gets the value a single process gets for the whole tensors
-    (call it on every rank).  Under DDP the tensors are replicated and no collective runs.
-
-    Args:
-        source: a :class:`pilot_kernels.PILoT` (its reparameterized tensors, whose values
-            ``x = m ⊙ w`` are the parameters), or a tensor or iterable of tensors.
-        target: the sparsity, a fraction in ``(0, 1)``.
-        power: 1 (share of the L1 norm, default) or 2 (of the squared L2 norm).
-
-    Returns:
-        ``s`` as a 0-dim float64 tensor; NaN when an entry is NaN or infinite.
-    """
-    target = _check_fraction("target", target, "0.9 measures the 90% smallest entries")
-    if power not in (1, 2) or isinstance(power, bool):
-        raise ValueError(f"Invalid power: {power!r}; pass 1 (share of Σ|x|) or 2 (share of Σx²)")
-    tensors = _share_tensors(source)
-    device = local(tensors[0]).device
-    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=device)
-    for t in tensors:
-        hist += _share_histogram(local(t), power).to(device)
-    counts, sums = all_reduce_over_shards_(hist, shard_groups(tensors))
-    n = sum(t.numel() for t in tensors)  # a DTensor's numel is the whole tensor's
-    k = round(target * n)
-    cum = counts.cumsum(0)
-    # The bin holding the k-th smallest entry: the first whose cumulative count reaches k.
-    b = torch.searchsorted(cum, torch.full((1,), float(k), dtype=torch.float64, device=device))
-    b = b.clamp_(max=_SHARE_BINS - 1)
-    before = torch.arange(_SHARE_BINS, device=device) < b
-    needed = k - torch.where(before, counts, 0).sum()
-    in_bin = counts[b].clamp(min=1)  # needed == 0 where the bin is empty (k == 0)
-    taken = torch.where(before, sums, 0).sum() + needed * sums[b].squeeze(0) / in_bin.squeeze(0)
-    total = sums.sum()
-    share = torch.where(total > 0, taken / torch.where(total > 0, total, 1.0), 0.0)
-    return torch.where(torch.isfinite(total), share, math.nan)
-
-
-class TargetSparsity(AlphaScheduler):
+class TargetSparsity(_AccuracyController):
     r"""Steer α so that the model prunes well at a chosen sparsity (ours, beyond the paper).
 
     Call :meth:`step` once per period (an epoch, or every ``N`` optimizer steps: the
     caller's choice) with the period's training accuracy :math:`a_k`.  It reads
-    :math:`s_k` = :func:`prunable_share` ``(measure, target)``, the share of
-    :math:`\sum|x|` that pruning the smallest ``target`` fraction of the measured
-    entries (by default PILoT's reparameterized tensors) would remove, and with :math:`\hat a_{k-1} = \max_{i<k} a_i`
-    (:math:`\hat a_0 = 0`), :math:`T` = ``total_epochs`` periods and
-    :math:`D = \lfloor \text{decay\_start} \cdot T \rfloor`:
+    :math:`s_k` = :func:`~pilot_kernels.sparsity.prunable_share` ``(measure, target)``,
+    the share of :math:`\sum|x|` that pruning the smallest ``target`` fraction of the
+    measured entries (by default PILoT's reparameterized tensors) would remove, and with
+    :math:`\hat a_{k-1} = \max_{i<k} a_i` (:math:`\hat a_0 = 0`), :math:`T` =
+    ``total_epochs`` periods and :math:`D = \lfloor \text{decay\_start} \cdot T \rfloor`:
 
     .. math::
         α \leftarrow
         \begin{cases}
-            α \cdot g & \text{if } k \le D,\ s_k > τ \text{ and } a_k \ge (1 - ε)\, \hat a_{k-1}
+            α \cdot d & \text{if } k > D \quad \text{(decay, whatever } s_k, a_k) \\
+            α / h     & \text{if } a_k \text{ is near chance} \quad \text{(not learnt, or collapsed)} \\
+            α \cdot g & \text{if } s_k > τ \text{ and } a_k \ge (1 - ε)\, \hat a_{k-1}
                         \quad \text{(not prunable yet, accuracy holds: push)} \\
-            α / h     & \text{if } k \le D \text{ otherwise}
-                        \quad \text{(target met, or accuracy fell: ease off)} \\
-            α \cdot d & \text{if } k > D \quad \text{(decay, whatever } s_k, a_k)
+            α / h     & \text{otherwise} \quad \text{(target met, or accuracy fell: ease off)}
         \end{cases}
 
     with ``grow`` :math:`g > 1`, ``shrink`` :math:`h > 1`, ``decay``
-    :math:`0 < d < 1`, ``tolerance`` :math:`τ` and ``acc_tolerance`` :math:`ε`.  Every
-    group's α is multiplied by the same factor, so groups keep their ratios.  Like
-    Algorithm 1, it grows α while training goes well and decays it geometrically at the
-    end, so :math:`\sum_k α_k < ∞` as the convergence theorem needs (paper Theorem 2.2:
-    :math:`\int_0^∞ α_t\,dt < ∞`); calls beyond ``T`` keep decaying.  In the control
-    phase α settles where the smallest ``target`` fraction holds about ``τ`` of the L1
-    norm while the accuracy stays within ``ε`` of the best seen.
+    :math:`0 < d < 1`, ``tolerance`` :math:`τ`, ``acc_tolerance`` :math:`ε`, and "near
+    chance" :meth:`near_chance` (only with ``chance`` given: "within ε of the best" also
+    holds when the best is chance).  Every group's α is multiplied by the same factor, so
+    groups keep their ratios.  Like Algorithm 1, it grows α while training goes well and
+    decays it geometrically at the end, so :math:`\sum_k α_k < ∞` as the convergence
+    theorem needs (paper Theorem 2.2: :math:`\int_0^∞ α_t\,dt < ∞`); calls beyond ``T``
+    keep decaying.  In the control phase α settles where the smallest ``target`` fraction
+    holds about ``τ`` of the L1 norm while the accuracy stays within ``ε`` of the best seen.
 
     Why no tuning per model: Algorithm 1 grows α while :math:`\sum|x| > K`, and
     :math:`\sum|x| \approx n\, \mathbb{E}|x|` grows with the parameter count ``n`` and
-    the weights' scale, so ``K`` must be chosen per model (the paper uses 8000 on CIFAR
-    and 2e4–6e4 on ImageNet).  :math:`s_k` is a ratio of two sums over the same
-    entries: it does not change when every weight is scaled by ``c`` or when the model
-    has more entries drawn from the same distribution, and :math:`τ` reads directly as
-    "one-shot pruning to ``target`` removes at most ``τ`` of the weights' L1 mass".  The
-    factors are multiplicative, so α0 only needs to be positive: the controller finds
-    the scale (a factor ``g`` per period).  It should be below the α at which weights
-    collapse, though, since the rule reacts one period late: on the embedded-digits CNN
-    (target 0.9) α0 = 2e-2 grew to 4.5e-2 in two epochs, the L1 norm fell from 2058 to
-    34 and the model ended at 76.7% top-1; from α0 = 1e-3 it ended at 99.4%.  The accuracy test is
-    relative too (:math:`ε = 0.01` allows a 1% relative drop, whether accuracies are
-    given in 0..1 or 0..100).
+    the weights' scale, so ``K`` must be chosen per model.  :math:`s_k` is a ratio of two
+    sums over the same entries: it does not change when every weight is scaled by ``c``
+    or when the model has more entries drawn from the same distribution, and :math:`τ`
+    reads directly as "one-shot pruning to ``target`` removes at most ``τ`` of the
+    weights' L1 mass".  The factors are multiplicative, so α0 only needs to be positive:
+    the controller finds the scale (a factor ``g`` per period).  It should be below the α
+    at which weights collapse, though, since the rule reacts one period late.  The
+    accuracy test is relative too (:math:`ε = 0.01` allows a 1% relative drop, whether
+    accuracies are given in 0..1 or 0..100).
 
-    Cost per :meth:`step`: one :func:`prunable_share` (one pass over the
-    measured entries, no host sync) and one host sync to read it; under FSDP2 one
+    Cost per :meth:`step`: one :func:`~pilot_kernels.sparsity.prunable_share` (one pass
+    over the measured entries, no host sync) and one host sync to read it; under FSDP2 one
     all-reduce of 256 KiB.  Under DDP pass the accuracy averaged over the ranks (the
     same number on every rank), so that every rank takes the same decision.
 
@@ -715,7 +717,8 @@ class TargetSparsity(AlphaScheduler):
     ``measure`` naming the weights α sparsifies, the same rule drives, e.g., the α of an
     explicit L1 term ``α·sign(x)`` added to SGD's gradients.  The measured tensors are
     not part of :meth:`state_dict` (nor of the optimizer's): a resumed run passes them
-    again, as it passes the optimizer.
+    again, as it passes the optimizer.  The defaults' measurements are in
+    ``docs/target_sparsity.md``.
 
     Args:
         optimizer (Optimizer): a :class:`pilot_kernels.PILoT` with α > 0 in a group
@@ -725,40 +728,36 @@ class TargetSparsity(AlphaScheduler):
         target (float): the sparsity to aim at, in ``(0, 1)``, e.g. 0.9.
         total_epochs (int): ``T``, the number of periods :meth:`step` will be called.
         tolerance (float): ``τ`` in ``(0, 1)`` (default 0.02), the share of ``Σ|x|``
-            the pruned entries may hold.  Not as conservative as the tiny MLP below
-            suggests (lossless at 90% with shares 0.14–0.18): on the trainer's 61k-weight
-            CNN on the embedded digits (seed 0) runs that ended with a share at 98% of
-            0.077–0.094 lost 4–29 points of top-1 when pruned to 98%, and those that got
-            below 0.024 lost 0.3–0.6.
+            the pruned entries may hold; models that ended above it lost points when
+            pruned.
         grow (float): ``g > 1`` (default 1.5).  α acts with a lag (the factors keep
-            shrinking for a while after α is lowered), so a large ``g`` overshoots: on
-            the tiny MLP of ``tests/test_target_sparsity.py`` (8 steps per period, seeds
-            0–3), ``g = h = 2`` left two seeds at 73% and 78% held-out accuracy where
-            ``g = h = 1.5`` reached 91.8–93.9%.
+            shrinking for a while after α is lowered), so a large ``g`` overshoots.
         shrink (float): ``h > 1`` (default 1.5).
         decay (float): ``d`` in ``(0, 1)`` (default 0.5), the factor per period after ``D``.
         decay_start (float): fraction of ``T`` in ``(0, 1]`` after which α decays
             (default 0.75; Algorithm 1 uses 0.5).
         acc_tolerance (float): ``ε`` in ``[0, 1)`` (default 0.01), the relative drop
             from the best accuracy that still counts as holding.  With augmented data
-            the train accuracy dips by 1–3 points whenever α makes weights collapse; the
-            trainer (``python/classification``) uses 0.03, with which the embedded-digits
-            CNN reached a share of 0.0185 at 98% where 0.01 stalled at 0.094.
+            the train accuracy dips by a few points whenever α makes weights collapse;
+            the trainer (``python/classification``) uses 0.03.
         measure (Tensor | Iterable[Tensor] | None): keyword only; the tensors whose
             share is read, ranked together (e.g. the model's weights with ``ndim >= 2``).
             ``None`` (default): the optimizer's reparameterized tensors, which only a
             :class:`pilot_kernels.PILoT` marks.
+        chance (float | None): keyword only; the training accuracy of a constant guess,
+            in the units of ``train_acc`` (``1/num_classes`` for balanced classes; the
+            largest class's share otherwise).  ``None`` (default): unknown, no guard.
         last_epoch (int): as for :class:`AlphaScheduler`.
         resume (bool): as for :class:`AlphaScheduler`.
 
     Attributes:
         best_acc (float): :math:`\hat a_k`, 0 before the first step.
         last_share (float | None): :math:`s_k` read by the last step.
-        last_action (str | None): ``"grow"``, ``"shrink"`` or ``"decay"``.
+        last_action (str | None): ``"grow"``, ``"shrink"``, ``"decay"`` or ``"chance"``.
 
     Example::
 
-        >>> sched = TargetSparsity(opt, target=0.9, total_epochs=40)
+        >>> sched = TargetSparsity(opt, target=0.9, total_epochs=40, chance=0.1)
         >>> for epoch in range(40):
         ...     train_acc = train_one_epoch(model, opt)
         ...     sched.step(train_acc)
@@ -773,7 +772,7 @@ class TargetSparsity(AlphaScheduler):
         >>> # add_l1_subgradient_(weights, sgd.param_groups[0]["alpha"]); sgd.step()
     """
 
-    _SETTINGS = ("target", "total_epochs", "tolerance", "grow", "shrink", "decay",
+    _SETTINGS = ("target", "total_epochs", "chance", "tolerance", "grow", "shrink", "decay",
                  "decay_start", "acc_tolerance")
 
     def __init__(
@@ -789,6 +788,7 @@ class TargetSparsity(AlphaScheduler):
         decay_start: float = 0.75,
         acc_tolerance: float = 0.01,
         measure: Any = None,
+        chance: Optional[float] = None,
         last_epoch: int = -1,
         resume: bool = True,
     ) -> None:
@@ -831,36 +831,17 @@ class TargetSparsity(AlphaScheduler):
             _share_tensors(optimizer)  # refuses an optimizer with nothing to measure
         # Not progress: kept out of state_dict() (and so of the optimizer's).
         self._measure: Optional[list[Tensor]] = measured
-        self.total_epochs = total_epochs
         self.grow, self.shrink = float(grow), float(shrink)
         self.decay_start = float(decay_start)
         self.acc_tolerance = float(acc_tolerance)
-        self.best_acc = 0.0
         self.last_share: Optional[float] = None
-        self.last_action: Optional[str] = None
-        self._multiplier = 1.0  # set by step() for the duration of one _advance()
-        super().__init__(optimizer, last_epoch, resume=resume)
-
-    def _compute_alphas(self) -> list[float]:
-        return [float(group["alpha"]) * self._multiplier for group in self.optimizer.param_groups]
+        super().__init__(optimizer, total_epochs, chance, last_epoch, resume)
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state: every attribute except the optimizer and the measured tensors."""
         return {k: v for k, v in super().state_dict().items() if k != "_measure"}
 
-    def decide(self, share: float, acc: float) -> str:
-        """The rule alone: ``"grow"``, ``"shrink"`` or ``"decay"`` for period
-        ``k = last_epoch + 1`` with share ``s_k`` and accuracy ``a_k``; changes nothing."""
-        k = self.last_epoch + 1
-        if k > math.floor(self.decay_start * self.total_epochs):
-            return "decay"
-        holds = acc >= (1.0 - self.acc_tolerance) * self.best_acc
-        return "grow" if share > self.tolerance and holds else "shrink"
-
-    def step(self, train_acc: Union[float, Tensor]) -> None:  # type: ignore[override]
-        """End period ``k = last_epoch + 1`` with its training accuracy ``train_acc`` (a
-        number or a one-element tensor, any scale used consistently)."""
-        acc = AdaptiveAlpha._to_float(train_acc)
+    def _read(self) -> float:
         source = self.optimizer if self._measure is None else self._measure
         share = float(prunable_share(source, self.target))  # the one host sync
         if not math.isfinite(share):
@@ -868,13 +849,13 @@ class TargetSparsity(AlphaScheduler):
                 "prunable_share is NaN: a measured weight is NaN or infinite; the run "
                 "has diverged (lower the learning rate or α); α was not changed"
             )
-        action = self.decide(share, acc)
-        self._multiplier = {"grow": self.grow, "shrink": 1.0 / self.shrink, "decay": self.decay}[action]
-        try:
-            self._advance()
-        finally:
-            self._multiplier = 1.0
-        self.best_acc = max(self.best_acc, acc)
+        return share
+
+    def _pushes(self, share: float, acc: float) -> bool:
+        return share > self.tolerance and acc >= (1.0 - self.acc_tolerance) * self.best_acc
+
+    def _record(self, share: float, acc: float) -> None:
         self.last_share = share
-        self.last_action = action
-        self._publish()
+
+    def _multipliers(self) -> dict[str, float]:
+        return {"grow": self.grow, "shrink": 1.0 / self.shrink, "decay": self.decay}

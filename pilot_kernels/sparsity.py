@@ -18,6 +18,9 @@ tensors with ``ndim >= 2`` (PILoT's ``reparam="auto"``).  Names are the model's
 * :func:`sweep` — prune to each sparsity, evaluate, restore bit-exactly.
 * :func:`export_state_dict` — a plain ``state_dict`` (CPU copies) with exact zeros that
   loads into the unmodified model.
+* :func:`prunable_share` — the share of ``Σ|x|`` that pruning to a sparsity would remove:
+  how well a model prunes before it is pruned (what :class:`~pilot_kernels.TargetSparsity`
+  steers α by).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ __all__ = [
     "sweep",
     "spred_sparsities",
     "export_state_dict",
+    "prunable_share",
 ]
 
 T = TypeVar("T")
@@ -441,3 +445,138 @@ def export_state_dict(
     if metadata is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
     return out
+
+
+# ---------------------------------------------------------------------- share measure
+# prunable_share bins |x| by the top bits of its fp32 bit pattern, which for a number
+# >= 0 orders like its value: the 8 exponent bits and the first _SHARE_MANTISSA_BITS
+# mantissa bits.  Every bin spans a relative width of at most 2^-7 whatever the scale of
+# the weights, so the measure's error bound is scale free too.  Exponents outside
+# [2^-64, 2^64) share the first or the last bin (their counts and sums stay exact).
+_SHARE_MANTISSA_BITS = 7
+_SHARE_EXP_LO, _SHARE_EXP_HI = -64, 64
+_SHARE_BINS = (_SHARE_EXP_HI - _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS  # 16384
+#: One bin's relative width: :func:`prunable_share` is within ``(1 + this)^power - 1``
+#: of the exact share, relatively.
+SHARE_REL_ERROR = 2.0 ** -_SHARE_MANTISSA_BITS
+
+
+def _share_tensors(source: Any) -> list[Tensor]:
+    """The tensors :func:`prunable_share` measures: an optimizer's reparameterized ones
+    (PILoT's ``is_reparameterized`` state), or the given tensors."""
+    if isinstance(source, Optimizer):
+        is_split = getattr(source, "is_reparameterized", None)
+        if not callable(is_split):
+            raise TypeError(
+                f"{type(source).__name__} does not mark reparameterized tensors; pass a "
+                "pilot_kernels.PILoT optimizer, or the tensors to measure (e.g. the model's weights)"
+            )
+        tensors = [p for g in source.param_groups for p in g["params"]
+                   if is_split(source.state.get(p, {}))]  # .get: state is a defaultdict
+        if not tensors:
+            raise ValueError(
+                f"the {type(source).__name__} reparameterizes no tensor (reparam=False, or no "
+                "tensor with ndim >= 2), so there are no weights whose sparsity α drives"
+            )
+        return tensors
+    if isinstance(source, Tensor):
+        return [source]
+    tensors = list(source)
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError("pass a PILoT optimizer, a tensor or a non-empty iterable of tensors")
+    return tensors
+
+
+def _finite_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fraction(name: str, value: Any, hint: str) -> float:
+    if not _finite_real(value) or not 0.0 < value < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r}; it must be a fraction strictly between 0 and 1 ({hint})")
+    return float(value)
+
+
+@torch.no_grad()
+def _share_histogram(x: Tensor, power: int) -> Tensor:
+    """``(2, B)`` float64 on ``x``'s device: the count and ``Σ|x|^power`` of ``x``'s
+    entries in each magnitude bin.  Deterministic with ``torch.use_deterministic_algorithms``
+    (integer bincount and a 1-D ``scatter_add_``); no host sync."""
+    a = x.detach().abs().float().flatten().contiguous()
+    # Bit pattern of a float >= 0: exponent field · 2^23 + mantissa, monotone in the value.
+    # NaN has exponent 255 and lands in the last bin; its sum makes the total NaN.
+    key = a.view(torch.int32) >> (23 - _SHARE_MANTISSA_BITS)
+    key = (key - ((127 + _SHARE_EXP_LO) << _SHARE_MANTISSA_BITS)).clamp_(0, _SHARE_BINS - 1).long()
+    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=a.device)
+    hist[0] = torch.bincount(key, minlength=_SHARE_BINS)
+    weight = a.double()
+    hist[1].scatter_add_(0, key, weight if power == 1 else weight.square_())
+    return hist
+
+
+@torch.no_grad()
+def prunable_share(source: Any, target: float, power: int = 1) -> Tensor:
+    r"""Share of ``Σ|x|^power`` held by the smallest ``target`` fraction of the entries.
+
+    With :math:`|x|_{(1)} \le \dots \le |x|_{(n)}` the magnitudes of all ``n`` entries of
+    the measured tensors together (one global ranking, as :func:`pilot_kernels.prune_`
+    with ``scope="global"``) and :math:`k = \operatorname{round}(\text{target} \cdot n)`:
+
+    .. math::
+        s = \frac{\sum_{i \le k} |x|_{(i)}^{\,q}}{\sum_{i \le n} |x|_{(i)}^{\,q}}
+        \qquad (q = \text{power};\ s = 0 \text{ when every entry is } 0)
+
+    ``s`` is what one-shot magnitude pruning to ``target`` removes, as a fraction of the
+    weights' L1 norm (``power=1``) or squared L2 norm (``power=2``): 0 for a model that
+    prunes losslessly, ``target`` for one whose entries are all equal.  It is a ratio of
+    two sums over the same entries, so it does not change when the weights are scaled
+    and does not grow with the number of parameters.
+
+    Computed from a histogram of the magnitudes with bins of relative width
+    ``SHARE_REL_ERROR = 2^-7`` (the fp32 exponent and 7 mantissa bits; 16,384 bins):
+    counts and ``Σ|x|^q`` per bin, then the bin holding the ``k``-th entry, of whose
+    ``j`` entries still needed the bin's mean is taken.  That mean is off by less than
+    one bin width, so :math:`|\hat s - s| \le ((1 + 2^{-7})^q - 1)\, s`: :math:`2^{-7} s`
+    for ``power=1``, :math:`(2^{-6} + 2^{-14})\, s` for ``power=2`` (for magnitudes in
+    :math:`[2^{-64}, 2^{64})`); exact when the entries of that bin are equal.
+
+    Cost: a few elementwise passes over the entries (``abs``, the bin index, a bincount
+    and a ``scatter_add_``, tensor by tensor, with about 24 bytes of temporaries per entry
+    of the largest tensor), a few ops on the 16,384 bins, and no host sync: the result is
+    a 0-dim float64 tensor on the first tensor's device (timings: ``docs/schedules.md``).
+    Under FSDP2 (DTensor parameters) each rank bins its local shards and the
+    ``2 × 16,384`` histogram (256 KiB) is all-reduced over the shard dims, one collective:
+    every rank gets the value a single process gets for the whole tensors (call it on
+    every rank).  Under DDP the tensors are replicated and no collective runs.
+
+    Args:
+        source: a :class:`pilot_kernels.PILoT` (its reparameterized tensors, whose values
+            ``x = m ⊙ w`` are the parameters), or a tensor or iterable of tensors.
+        target: the sparsity, a fraction in ``(0, 1)``.
+        power: 1 (share of the L1 norm, default) or 2 (of the squared L2 norm).
+
+    Returns:
+        ``s`` as a 0-dim float64 tensor; NaN when an entry is NaN or infinite.
+    """
+    target = _check_fraction("target", target, "0.9 measures the 90% smallest entries")
+    if power not in (1, 2) or isinstance(power, bool):
+        raise ValueError(f"Invalid power: {power!r}; pass 1 (share of Σ|x|) or 2 (share of Σx²)")
+    tensors = _share_tensors(source)
+    device = local(tensors[0]).device
+    hist = torch.zeros(2, _SHARE_BINS, dtype=torch.float64, device=device)
+    for t in tensors:
+        hist += _share_histogram(local(t), power).to(device)
+    counts, sums = all_reduce_over_shards_(hist, shard_groups(tensors))
+    n = sum(t.numel() for t in tensors)  # a DTensor's numel is the whole tensor's
+    k = round(target * n)
+    cum = counts.cumsum(0)
+    # The bin holding the k-th smallest entry: the first whose cumulative count reaches k.
+    b = torch.searchsorted(cum, torch.full((1,), float(k), dtype=torch.float64, device=device))
+    b = b.clamp_(max=_SHARE_BINS - 1)
+    before = torch.arange(_SHARE_BINS, device=device) < b
+    needed = k - torch.where(before, counts, 0).sum()
+    in_bin = counts[b].clamp(min=1)  # needed == 0 where the bin is empty (k == 0)
+    taken = torch.where(before, sums, 0).sum() + needed * sums[b].squeeze(0) / in_bin.squeeze(0)
+    total = sums.sum()
+    share = torch.where(total > 0, taken / torch.where(total > 0, total, 1.0), 0.0)
+    return torch.where(torch.isfinite(total), share, math.nan)

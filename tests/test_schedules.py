@@ -275,6 +275,56 @@ def test_adaptive_accepts_tensor_accuracy_and_rejects_bad_ones():
     assert close(group_alphas(opt), [4 * a for a in ALPHA0])
 
 
+# Near chance (chance=): Algorithm 1 raises α whenever the accuracy did not drop.
+
+def adaptive_run(accs, l1=500.0, **kwargs):
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1([l1] * len(accs))
+    sched = AdaptiveAlpha(opt, total_epochs=20, delta=1.1, **kwargs)
+    seen, actions = [group_alphas(opt)], []
+    for acc in accs:
+        sched.step(acc)
+        seen.append(group_alphas(opt))
+        actions.append(sched.last_action)
+    return seen, actions
+
+
+def test_adaptive_at_chance_never_raises_alpha_and_cuts_it():
+    accs = [0.50, 0.50, 0.51, 0.52, 0.52, 0.55, 0.58, 0.60]  # 2 classes: never clearly above chance
+    blind, _ = adaptive_run(accs)
+    assert blind[-1][0] > blind[0][0]  # Algorithm 1 alone: every step grows
+    seen, actions = adaptive_run(accs, chance=0.5)
+    assert actions == ["chance"] * len(accs)
+    for before, after in zip(seen, seen[1:]):
+        assert close(after, [a / 1.1 for a in before])
+
+
+def test_adaptive_collapsing_towards_chance_cuts_alpha():
+    """A noisy collapse: the small rises (0.72 after 0.70) would grow α under Algorithm 1."""
+    accs = [0.80, 0.95, 0.70, 0.72, 0.60, 0.65]
+    _, blind = adaptive_run(accs)
+    assert blind == ["grow", "grow", "shrink", "grow", "shrink", "grow"]
+    seen, actions = adaptive_run(accs, chance=0.5)
+    # 0.72 - 0.5 = 0.22 <= 0.5 · (0.95 - 0.5): fallen halfway back
+    assert actions == ["grow", "grow", "chance", "chance", "chance", "chance"]
+    assert all(after[0] < before[0] for before, after in zip(seen[2:], seen[3:]))
+
+
+def test_adaptive_healthy_run_is_unchanged_by_chance():
+    accs = [0.30, 0.22, 0.25, 0.25, 0.90, 0.95, 0.99, 0.93]  # 10 classes
+    blind = adaptive_run(accs)
+    assert adaptive_run(accs, chance=0.1) == blind
+    assert blind[1] == ["grow", "shrink", "grow", "grow", "grow", "grow", "grow", "shrink"]
+
+
+def test_adaptive_refuses_a_bad_chance():
+    _, opt = make_optimizer()
+    for bad in (0.0, -1.0, math.nan, math.inf, True, "0.1"):
+        with pytest.raises(ValueError, match="chance"):
+            AdaptiveAlpha(opt, total_epochs=10, chance=bad)
+    assert "initial_alpha" not in opt.param_groups[0] and group_alphas(opt) == list(ALPHA0)
+
+
 def test_adaptive_with_real_l1_crossing_threshold():
     """A real PILoT whose L1 shrinks under a large α and zero gradients: α grows
     while L1 > K, then decays once L1 has crossed K (accuracy keeps rising)."""
@@ -520,12 +570,17 @@ def test_several_schedulers_are_restored_in_the_order_they_were_built():
     assert g.last_epoch == 0 and group_alphas(opt3) == list(ALPHA0)
 
 
-def test_restart_with_resume_false_and_dropped_schedulers_are_not_saved():
+def harmonic_state_dict(steps):
+    """The state_dict of an optimizer whose HarmonicAlpha took ``steps`` steps."""
     _, opt = make_optimizer()
     sched = HarmonicAlpha(opt)
-    for _ in range(4):
+    for _ in range(steps):
         sched.step()
-    sd = opt.state_dict()
+    return opt.state_dict()
+
+
+def test_restart_with_resume_false_and_dropped_schedulers_are_not_saved():
+    sd = harmonic_state_dict(4)
     _, opt2 = make_optimizer()
     opt2.load_state_dict(sd)
     fresh = HarmonicAlpha(opt2, resume=False)
@@ -577,6 +632,98 @@ def test_pickled_scheduler_drives_and_saves_its_own_optimizer():
     assert close(group_alphas(clone.optimizer), [a / 4 for a in ALPHA0])
     saved = clone.optimizer.state_dict()["param_groups"][0]["alpha_schedulers"]
     assert [e["state"]["last_epoch"] for e in saved] == [2]
+
+
+# Entries an optimizer's state_dict carried before the controllers shared a base (and
+# before chance=): written by that version, AdaptiveAlpha and TargetSparsity on one optimizer.
+OLD_ENTRIES = [
+    {"type": "AdaptiveAlpha", "state": {
+        "total_epochs": 10, "delta": 2.0, "l1_threshold": 0.0, "previous_acc": 0.25, "last_l1": 50.0,
+        "_multiplier": 1.0, "base_alphas": [0.001, 0.04], "last_epoch": 2, "_last_alpha": [0.0015, 0.06]}},
+    {"type": "TargetSparsity", "state": {
+        "target": 0.5, "tolerance": 0.05, "decay": 0.5, "total_epochs": 10, "grow": 1.5, "shrink": 1.5,
+        "decay_start": 0.75, "acc_tolerance": 0.01, "best_acc": 0.5, "last_share": 0.23035261155373146,
+        "last_action": "shrink", "_multiplier": 1.0, "base_alphas": [0.001, 0.04], "last_epoch": 2,
+        "_last_alpha": [0.001, 0.039999999999999994]}},
+]
+
+
+def test_checkpoints_from_before_the_controller_base_load():
+    _, opt = make_optimizer()
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        group["alpha_schedulers"] = OLD_ENTRIES
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(sd)
+    adaptive = AdaptiveAlpha(opt2, total_epochs=10, delta=2.0, chance=0.1)
+    target = TargetSparsity(opt2, 0.5, 10, tolerance=0.05, chance=0.1)
+    assert (adaptive.last_epoch, adaptive.previous_acc, adaptive.last_l1) == (2, 0.25, 50.0)
+    assert (target.last_epoch, target.best_acc, target.last_share, target.last_action) == (
+        2, 0.5, 0.23035261155373146, "shrink")
+    # Keys the old entries lack keep the constructor's values; the obsolete one is dropped.
+    assert (adaptive.chance, adaptive.best_acc, adaptive.last_action, target.chance) == (0.1, 0.0, None, 0.1)
+    for sched in (adaptive, target):
+        assert "_multiplier" not in sched.state_dict()
+    # The scheduler's own old state_dict loads the same way.
+    again = AdaptiveAlpha(make_optimizer()[1], total_epochs=3)
+    again.load_state_dict(OLD_ENTRIES[0]["state"])
+    assert (again.total_epochs, again.delta, again.last_epoch) == (10, 2.0, 2)
+    assert "_multiplier" not in again.state_dict() and again.chance is None
+    opt2.l1_norm = FakeL1([50.0])
+    adaptive.step(0.3)
+    assert adaptive.last_action == "grow" and adaptive.best_acc == 0.3
+
+
+def test_chance_is_a_setting_saved_with_the_scheduler():
+    _, opt = make_optimizer()
+    opt.l1_norm = FakeL1([50.0] * 2)
+    sched = AdaptiveAlpha(opt, total_epochs=10, chance=0.5)
+    sched.step(0.9)
+    assert sched.state_dict()["chance"] == 0.5 and sched.state_dict()["best_acc"] == 0.9
+    _, opt2 = make_optimizer()
+    opt2.load_state_dict(opt.state_dict())
+    resumed = AdaptiveAlpha(opt2, total_epochs=10, chance=0.25)  # settings: the constructor's
+    assert (resumed.chance, resumed.best_acc, resumed.last_action) == (0.25, 0.9, "grow")
+    fresh = AdaptiveAlpha(make_optimizer()[1], total_epochs=10)
+    fresh.load_state_dict(sched.state_dict())  # the scheduler's own state: settings too
+    assert fresh.chance == 0.5
+
+
+def test_the_schedule_restored_is_the_one_the_optimizer_loaded():
+    """A load pre-hook that rewrites the state_dict (registered after the scheduler was
+    built) decides what the scheduler gets."""
+    sd = harmonic_state_dict(3)
+    _, opt2 = make_optimizer()
+    sched2 = HarmonicAlpha(opt2)
+
+    def drop_schedules(optimizer, state_dict):
+        groups = [{k: v for k, v in g.items() if k != "alpha_schedulers"} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    handle = opt2.register_load_state_dict_pre_hook(drop_schedules)
+    opt2.load_state_dict(sd)
+    assert sched2.last_epoch == 0  # no schedule loaded: left alone
+    handle.remove()
+    opt2.load_state_dict(sd)
+    assert sched2.last_epoch == 3
+
+
+class DictPicklingSGD(torch.optim.SGD):
+    """Pickles its whole __dict__, as accelerate's AcceleratedOptimizer does."""
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+
+def test_an_optimizer_that_pickles_its_dict_still_pickles():
+    import pickle
+
+    model = nn.Linear(3, 2)
+    sgd = DictPicklingSGD([{"params": model.parameters(), "alpha": 1e-3}], lr=0.1)
+    sched = GeometricAlpha(sgd, p=0.5)
+    sched.step()
+    clone = pickle.loads(pickle.dumps(sgd))  # the record of attached schedulers is not on the optimizer
+    assert GeometricAlpha(clone, p=0.5).last_epoch == 1
 
 
 @pytest.mark.parametrize("flatten", [False, True])

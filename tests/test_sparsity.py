@@ -1,5 +1,6 @@
 """Tests for pilot_kernels.sparsity: measuring, pruning and exporting (paper §4, appendix C.2)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pilot_kernels.sparsity import (
     spred_sparsities,
     sweep,
 )
+from pilot_kernels.sparsity import SHARE_REL_ERROR, prunable_share
 
 # ---------------------------------------------------------------------- fixtures
 W0 = [[0.0, -1.0, 2.0], [0.5, -0.0, 3.0]]  # |x| = 0, 1, 2, 0.5, 0, 3
@@ -498,3 +500,105 @@ def test_other_bad_inputs():
     with pytest.raises(TypeError, match="nn.Module"):
         prune_(list(model.parameters()), sparsity=0.5)
     assert_same(before, model)
+
+
+# ---------------------------------------------------------------------- prunable_share
+def brute_share(tensors, target, power=1):
+    """The definition, by a full sort in float64."""
+    a = torch.cat([t.detach().abs().double().flatten() for t in tensors]).sort().values ** power
+    k = round(target * a.numel())
+    return (a[:k].sum() / a.sum()).item() if a.sum() > 0 else 0.0
+
+
+def odd_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 3), (1,), (13,), (5, 1, 3)]
+    # Different scales per tensor: the global ranking must mix them.
+    return [torch.randn(s, generator=g) * 10.0 ** (2 * torch.rand(1, generator=g).item() - 1) for s in shapes]
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("target", [0.01, 0.3, 0.5, 0.9, 0.97, 0.999])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_share_matches_a_brute_force_sort_within_the_documented_bound(seed, target, power):
+    ts = odd_tensors(seed)
+    exact = brute_share(ts, target, power)
+    got = prunable_share(ts, target, power)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    bound = ((1 + SHARE_REL_ERROR) ** power - 1) * exact
+    assert abs(got.item() - exact) <= bound + 1e-15, (got.item(), exact)
+
+
+def test_share_is_exact_when_the_threshold_bin_holds_equal_values():
+    """Powers of two with ties (and zeros): every bin holds one value, so the within-bin
+    estimate is exact; odd total size 37."""
+    g = torch.Generator().manual_seed(3)
+    exps = torch.randint(-20, 5, (37,), generator=g).double()
+    x = (2.0 ** exps) * torch.where(torch.rand(37, generator=g) < 0.5, -1.0, 1.0)
+    x[::9] = 0.0
+    x = x.float()
+    for target in (0.1, 0.35, 0.5, 0.9, 0.95):
+        assert prunable_share(x, target).item() == pytest.approx(brute_share([x], target), rel=1e-12, abs=1e-15)
+        assert prunable_share([x[:11], x[11:]], target).item() == pytest.approx(brute_share([x], target), rel=1e-12)
+
+
+def test_share_is_scale_and_size_free():
+    x = odd_tensors(4)
+    base = prunable_share(x, 0.9)
+    # Scaling by a power of two shifts every entry by whole bins: the very same value.
+    assert torch.equal(prunable_share([t * 2.0**12 for t in x], 0.9), base)
+    assert torch.equal(prunable_share([t * 2.0**-30 for t in x], 0.9), base)
+    # Scaling by another factor moves entries within bins: equal up to the bound.
+    assert prunable_share([t * 37.3 for t in x], 0.9).item() == pytest.approx(base.item(), rel=2 * SHARE_REL_ERROR)
+    # Four copies of the model: the same distribution, the same share (an L1 threshold K
+    # would have to be four times larger).
+    assert prunable_share(x * 4, 0.9).item() == pytest.approx(base.item(), rel=1e-12)
+
+
+def test_share_edge_values():
+    assert prunable_share(torch.zeros(5, 3), 0.9).item() == 0.0  # nothing to prune away
+    assert prunable_share(torch.ones(10), 0.9).item() == pytest.approx(0.9, rel=1e-12)
+    assert prunable_share(torch.ones(3), 0.1).item() == 0.0  # round(0.3) = 0 entries
+    assert prunable_share(torch.tensor([1e-30, 5e-25, 3e30]), 0.5).item() == pytest.approx(1e-30 / 3e30, rel=1e-6)
+    for bad in (math.nan, math.inf):
+        x = torch.randn(9)
+        x[4] = bad
+        assert math.isnan(prunable_share(x, 0.5).item())
+    half = torch.randn(11).to(torch.bfloat16)
+    assert prunable_share(half, 0.5).item() == pytest.approx(brute_share([half], 0.5), rel=SHARE_REL_ERROR)
+
+
+def test_share_of_an_optimizer_reads_its_reparameterized_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    opt = PILoT(model.parameters(), lr=0.1, alpha=1e-3)
+    weights = [model[0].weight, model[2].weight]  # not the biases
+    assert prunable_share(opt, 0.8).item() == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+    with torch.no_grad():
+        model[0].weight.mul_(0.0)  # the parameters are the truth
+    assert prunable_share(opt, 0.8).item() == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+
+
+@pytest.mark.parametrize("target", [0, 1, 1.5, -0.1, math.nan, True, "0.9", None])
+def test_share_refuses_bad_targets(target):
+    with pytest.raises(ValueError, match="target"):
+        prunable_share(torch.ones(3), target)
+
+
+def test_share_refuses_bad_sources_and_powers():
+    with pytest.raises(ValueError, match="power"):
+        prunable_share(torch.ones(3), 0.5, power=3)
+    with pytest.raises(TypeError, match="PILoT"):
+        prunable_share(torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1), 0.5)
+    with pytest.raises(ValueError, match="reparameterizes no tensor"):
+        prunable_share(PILoT([nn.Parameter(torch.ones(3))], lr=0.1, alpha=1e-3), 0.5)
+    with pytest.raises(TypeError, match="tensors"):
+        prunable_share([], 0.5)
+
+
+def test_share_is_re_exported_where_it_was_defined():
+    import pilot_kernels
+    import pilot_kernels.schedules as schedules
+
+    assert schedules.prunable_share is prunable_share is pilot_kernels.prunable_share
+    assert schedules.SHARE_REL_ERROR == SHARE_REL_ERROR

@@ -1,5 +1,5 @@
-"""Tests for the target-sparsity α controller (pilot_kernels.schedules.TargetSparsity) and
-its measure, prunable_share.  Resuming through opt.state_dict() alone is covered with the
+"""Tests for the target-sparsity α controller (pilot_kernels.schedules.TargetSparsity); its
+measure, prunable_share, is tested in test_sparsity.py.  Resuming through opt.state_dict() alone is covered with the
 other schedules in test_schedules.py; 2-rank agreement under DDP and FSDP2 in
 test_distributed.py."""
 import math
@@ -11,103 +11,7 @@ from torch import nn
 
 import pilot_kernels.schedules as S
 from pilot_kernels import PILoT, prune_
-from pilot_kernels.schedules import SHARE_REL_ERROR, ConstantAlpha, TargetSparsity, prunable_share
-
-
-def brute_share(tensors, target, power=1):
-    """The definition, by a full sort in float64."""
-    a = torch.cat([t.detach().abs().double().flatten() for t in tensors]).sort().values ** power
-    k = round(target * a.numel())
-    return (a[:k].sum() / a.sum()).item() if a.sum() > 0 else 0.0
-
-
-def odd_tensors(seed):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(7, 3), (1,), (13,), (5, 1, 3)]
-    # Different scales per tensor: the global ranking must mix them.
-    return [torch.randn(s, generator=g) * 10.0 ** (2 * torch.rand(1, generator=g).item() - 1) for s in shapes]
-
-
-# ---------------------------------------------------------------------------------------
-# The measure.
-
-@pytest.mark.parametrize("power", [1, 2])
-@pytest.mark.parametrize("target", [0.01, 0.3, 0.5, 0.9, 0.97, 0.999])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_share_matches_a_brute_force_sort_within_the_documented_bound(seed, target, power):
-    ts = odd_tensors(seed)
-    exact = brute_share(ts, target, power)
-    got = prunable_share(ts, target, power)
-    assert got.dtype == torch.float64 and got.dim() == 0
-    bound = ((1 + SHARE_REL_ERROR) ** power - 1) * exact
-    assert abs(got.item() - exact) <= bound + 1e-15, (got.item(), exact)
-
-
-def test_share_is_exact_when_the_threshold_bin_holds_equal_values():
-    """Powers of two with ties (and zeros): every bin holds one value, so the within-bin
-    estimate is exact; odd total size 37."""
-    g = torch.Generator().manual_seed(3)
-    exps = torch.randint(-20, 5, (37,), generator=g).double()
-    x = (2.0 ** exps) * torch.where(torch.rand(37, generator=g) < 0.5, -1.0, 1.0)
-    x[::9] = 0.0
-    x = x.float()
-    for target in (0.1, 0.35, 0.5, 0.9, 0.95):
-        assert prunable_share(x, target).item() == pytest.approx(brute_share([x], target), rel=1e-12, abs=1e-15)
-        assert prunable_share([x[:11], x[11:]], target).item() == pytest.approx(brute_share([x], target), rel=1e-12)
-
-
-def test_share_is_scale_and_size_free():
-    x = odd_tensors(4)
-    base = prunable_share(x, 0.9)
-    # Scaling by a power of two shifts every entry by whole bins: the very same value.
-    assert torch.equal(prunable_share([t * 2.0**12 for t in x], 0.9), base)
-    assert torch.equal(prunable_share([t * 2.0**-30 for t in x], 0.9), base)
-    # Scaling by another factor moves entries within bins: equal up to the bound.
-    assert prunable_share([t * 37.3 for t in x], 0.9).item() == pytest.approx(base.item(), rel=2 * SHARE_REL_ERROR)
-    # Four copies of the model: the same distribution, the same share (an L1 threshold K
-    # would have to be four times larger).
-    assert prunable_share(x * 4, 0.9).item() == pytest.approx(base.item(), rel=1e-12)
-
-
-def test_share_edge_values():
-    assert prunable_share(torch.zeros(5, 3), 0.9).item() == 0.0  # nothing to prune away
-    assert prunable_share(torch.ones(10), 0.9).item() == pytest.approx(0.9, rel=1e-12)
-    assert prunable_share(torch.ones(3), 0.1).item() == 0.0  # round(0.3) = 0 entries
-    assert prunable_share(torch.tensor([1e-30, 5e-25, 3e30]), 0.5).item() == pytest.approx(1e-30 / 3e30, rel=1e-6)
-    for bad in (math.nan, math.inf):
-        x = torch.randn(9)
-        x[4] = bad
-        assert math.isnan(prunable_share(x, 0.5).item())
-    half = torch.randn(11).to(torch.bfloat16)
-    assert prunable_share(half, 0.5).item() == pytest.approx(brute_share([half], 0.5), rel=SHARE_REL_ERROR)
-
-
-def test_share_of_an_optimizer_reads_its_reparameterized_tensors():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    opt = PILoT(model.parameters(), lr=0.1, alpha=1e-3)
-    weights = [model[0].weight, model[2].weight]  # not the biases
-    assert prunable_share(opt, 0.8).item() == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
-    with torch.no_grad():
-        model[0].weight.mul_(0.0)  # the parameters are the truth
-    assert prunable_share(opt, 0.8).item() == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
-
-
-@pytest.mark.parametrize("target", [0, 1, 1.5, -0.1, math.nan, True, "0.9", None])
-def test_share_refuses_bad_targets(target):
-    with pytest.raises(ValueError, match="target"):
-        prunable_share(torch.ones(3), target)
-
-
-def test_share_refuses_bad_sources_and_powers():
-    with pytest.raises(ValueError, match="power"):
-        prunable_share(torch.ones(3), 0.5, power=3)
-    with pytest.raises(TypeError, match="PILoT"):
-        prunable_share(torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1), 0.5)
-    with pytest.raises(ValueError, match="reparameterizes no tensor"):
-        prunable_share(PILoT([nn.Parameter(torch.ones(3))], lr=0.1, alpha=1e-3), 0.5)
-    with pytest.raises(TypeError, match="tensors"):
-        prunable_share([], 0.5)
+from pilot_kernels.schedules import ConstantAlpha, TargetSparsity, prunable_share
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,6 +110,95 @@ def test_a_nan_share_raises_and_changes_nothing(scripted):
     assert (alphas(opt), sched.state_dict()) == before
 
 
+# ---------------------------------------------------------------------------------------
+# Near chance (chance=): never raise α, cut it.
+
+TRAINER = dict(tolerance=0.02, acc_tolerance=0.03)  # the trainer's settings
+
+
+def run_rule(scripted, accs, share=0.5, epochs=20, **kwargs):
+    """α after each step, and the actions, for scripted shares above τ (the rule wants to grow)."""
+    _, opt = make_opt()
+    sched = TargetSparsity(opt, 0.9, epochs, **(TRAINER | kwargs))
+    seen, actions = [alphas(opt)], []
+    for acc in accs:
+        scripted.append(share)
+        sched.step(acc)
+        seen.append(alphas(opt))
+        actions.append(sched.last_action)
+    return seen, actions
+
+
+AT_CHANCE = [50.0, 49.2, 50.8, 50.0, 51.5, 50.0, 50.3, 49.9]  # two balanced classes, in percent
+
+
+def test_at_chance_alpha_never_rises_and_is_cut(scripted):
+    """The reported run: train accuracy at 50% of 2 classes, the share far above τ.
+    "Within ε of the best" holds when the best is chance, so without chance= α grows."""
+    blind, blind_actions = run_rule(scripted, AT_CHANCE)
+    assert "grow" in blind_actions and blind[-1][0] > blind[0][0]  # what the guard is for
+    seen, actions = run_rule(scripted, AT_CHANCE, chance=50.0)
+    assert actions == ["chance"] * len(AT_CHANCE)
+    for before, after in zip(seen, seen[1:]):
+        assert after == pytest.approx([a / 1.5 for a in before], rel=1e-12)  # cut by the down factor
+
+
+def test_collapse_towards_chance_cuts_alpha(scripted):
+    """Learnt, then collapsing: α is cut from the first period that has lost half the lead
+    over chance, also where the ε test alone would let it grow (ε = 0.5 here)."""
+    accs = [70.0, 90.0, 92.0, 80.0, 70.0, 71.0, 60.0, 61.0]
+    seen, actions = run_rule(scripted, accs, chance=50.0, acc_tolerance=0.5)
+    # 71 - 50 = 21 <= 0.5 · (92 - 50): chance; 80 holds within ε = 0.5 and keeps 30 of 42
+    assert actions == ["grow", "grow", "grow", "grow", "chance", "chance", "chance", "chance"]
+    assert all(after[0] < before[0] for before, after in zip(seen[4:], seen[5:]))
+    blind, blind_actions = run_rule(scripted, accs, acc_tolerance=0.5)
+    assert blind_actions == ["grow"] * len(accs)
+    # With the trainer's ε = 0.03 the drop alone already shrinks; chance names the collapse.
+    _, actions = run_rule(scripted, accs, chance=50.0)
+    assert actions == ["grow", "grow", "grow", "shrink", "chance", "chance", "chance", "chance"]
+
+
+def test_decay_phase_keeps_decaying_at_chance(scripted):
+    _, actions = run_rule(scripted, [50.0] * 5, epochs=4, chance=50.0)
+    assert actions == ["chance", "chance", "chance", "decay", "decay"]  # D = floor(0.75 · 4) = 3
+
+
+def test_healthy_runs_are_unchanged_by_chance(scripted):
+    """Accuracies well above chance: chance= changes no decision and no α (bit for bit)."""
+    accs = [62.0, 80.0, 88.0, 87.0, 84.0, 91.0, 93.0, 92.5, 94.0, 95.0]
+    shares = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.03, 0.2, 0.3]
+    runs = []
+    for chance in (None, 10.0, 50.0):
+        _, opt = make_opt()
+        sched = TargetSparsity(opt, 0.9, 20, chance=chance, **TRAINER)
+        trace = []
+        for share, acc in zip(shares, accs):
+            scripted.append(share)
+            sched.step(acc)
+            trace.append((sched.last_action, alphas(opt)))
+        runs.append(trace)
+    assert runs[0] == runs[1] == runs[2]
+    assert {a for a, _ in runs[0]} == {"grow", "shrink"}
+
+
+@pytest.mark.parametrize("chance, best, acc, near", [
+    (0.5, 0.0, 0.6, True),         # up to chance · (1 + 0.2)
+    (0.5, 0.0, 0.6000001, False),
+    (0.5, 0.9, 0.7, True),         # half the best lead (0.4) lost
+    (0.5, 0.9, 0.7000001, False),
+    (10.0, 99.0, 54.5, True),      # percent, 10 classes
+    (10.0, 99.0, 60.0, False),
+    (10.0, 0.0, 12.0, True),
+    (10.0, 0.0, 12.5, False),
+    (None, 0.9, 0.0, False),       # unknown chance: no guard
+])
+def test_near_chance_margins(chance, best, acc, near):
+    _, opt = make_opt()
+    sched = TargetSparsity(opt, 0.9, 10, chance=chance)
+    sched.best_acc = best
+    assert sched.near_chance(acc) is near
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -226,6 +219,12 @@ def test_a_nan_share_raises_and_changes_nothing(scripted):
         (dict(decay_start=1.5), "decay_start"),
         (dict(acc_tolerance=1.0), "acc_tolerance"),
         (dict(acc_tolerance=-0.1), "acc_tolerance"),
+        (dict(chance=0.0), "chance"),
+        (dict(chance=-0.5), "chance"),
+        (dict(chance=math.nan), "chance"),
+        (dict(chance=math.inf), "chance"),
+        (dict(chance=True), "chance"),
+        (dict(chance="0.5"), "chance"),
     ],
 )
 def test_refuses_bad_arguments_and_leaves_the_optimizer_alone(kwargs, match):
@@ -264,13 +263,13 @@ def test_drives_the_alpha_of_sgd_groups_measuring_the_given_tensors():
     sched = TargetSparsity(sgd, 0.8, 6, tolerance=0.05, measure=iter(weights))  # an iterator is read once
     assert [g["initial_alpha"] for g in sgd.param_groups] == [1e-3, 3e-3]
     sched.step(0.5)
-    assert sched.last_share == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+    assert sched.last_share == prunable_share(weights, 0.8).item()
     assert sched.last_action == "grow" and alphas(sgd) == pytest.approx([1.5e-3, 4.5e-3], rel=1e-12)
     with torch.no_grad():  # the measured tensors are the live weights, not a copy
         model[0].weight.zero_()
         model[2].weight[:, 1:] = 0.0
     sched.step(0.6)
-    assert sched.last_share == pytest.approx(brute_share(weights, 0.8), rel=SHARE_REL_ERROR)
+    assert sched.last_share == prunable_share(weights, 0.8).item()
     assert sched.last_share <= 0.05 and sched.last_action == "shrink"
     assert alphas(sgd) == pytest.approx([1e-3, 3e-3], rel=1e-12)
     assert "_measure" not in sched.state_dict()  # tensors are not progress
