@@ -1,4 +1,5 @@
-"""Atomic writes, checkpoints, and the RNG states that make a resumed run continue exactly.
+"""Atomic writes, checkpoints, the run's claim on ``--output-dir``, and the RNG states
+that make a resumed run continue exactly.
 
 Every file the trainer writes goes through :func:`atomic_write`: a temporary file in the
 same directory, flushed and fsync'ed, then moved over the old one with ``os.replace``

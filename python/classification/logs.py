@@ -74,10 +74,10 @@ def epoch_line(r: dict[str, Any], total: int, target: Optional[float] = None) ->
             f"α {r['alpha']:.3g}{share} | L1 {r['l1']:.4g} | sparsity |x|<=t {sp} | {r['time_s']:.1f}s")
 
 
-def run_line(args: argparse.Namespace, n_params: int, n_split: int, device: Any, world_size: int,
+def run_line(args: argparse.Namespace, n_params: int, n_reparam: int, device: Any, world_size: int,
              target_mode: bool) -> str:
     """The log's model line: architecture, size, device and the method's settings."""
-    parts = [f"model: {args.arch}, {n_params:,} parameters ({n_split:,} in tensors with ndim >= 2)",
+    parts = [f"model: {args.arch}, {n_params:,} parameters ({n_reparam:,} in tensors with ndim >= 2)",
              f"device {device} x {world_size}" + (" (FSDP2)" if args.fsdp else "")]
     if args.param_dtype != "fp32":
         parts.append(f"params {args.param_dtype}")

@@ -17,7 +17,7 @@ Target sparsity (``--target-sparsity S``).  pilot and spred get
 :class:`pilot_kernels.schedules.TargetSparsity` (``--alpha-schedule target``) on their
 reparameterized tensors; l1 gets the same controller on SGD's ``"alpha"``, measuring
 the tensors with ``ndim >= 2``; dense has no α and is only pruned to ``S`` at the end.
-The trainer decides ``S`` and α0 (``train.py``: ``MAIN_JOB_TARGET``, ``TARGET_ALPHA_STEPS``).
+The trainer decides ``S`` and α0 (``flags.py``: ``MAIN_JOB_TARGET``, ``TARGET_ALPHA_STEPS``).
 
 Weight decay.  ``dense``/``l1`` use ``--wd`` on every tensor (torchvision's habit).
 ``pilot``/``spred`` use two param groups: the reparameterized tensors (``ndim >= 2``)
@@ -28,7 +28,7 @@ ImageNet setting.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn

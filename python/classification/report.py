@@ -1,4 +1,5 @@
-"""The accuracy-vs-sparsity sweep: table, JSON and plot (shared by train.py and compare_methods.py)."""
+"""The accuracy-vs-sparsity sweep: rows, the export choice, table, JSON and plot (shared by
+train.py and compare_methods.py)."""
 from __future__ import annotations
 
 import json
@@ -40,11 +41,12 @@ def choose_export(rows: Sequence[dict[str, float]], num_classes: int, images: in
     """The sweep point the run exports, and why.
 
     ``rows``: :func:`sweep_rows`, the unpruned model first.  ``target`` (``--target-sparsity
-    S``, a sweep point) is exported when top-1 at ``S`` is within ``drop`` points of the
-    unpruned top-1 ("met"); otherwise, and without a target, the sparsest sweep point
-    within ``drop`` points (``export_sparsity`` overrides that where there is no target).
-    Nothing is exported when the unpruned model is no better than chance
-    (:func:`chance_top1` on ``images`` images), or keeps no nonzero weight.
+    S``, a sweep point) is exported when it is "met": top-1 at ``S`` within ``drop`` points
+    of the unpruned top-1, on a model above chance that keeps a weight.  Otherwise, and
+    without a target, the sparsest sweep point within ``drop`` points is exported
+    (``export_sparsity`` overrides that where there is no target).  Nothing is exported
+    when the unpruned model is no better than chance (:func:`chance_top1` on ``images``
+    images), or keeps no nonzero weight: a chance-level model is never exported.
 
     Returns ``sparsity`` (``None``: no export), ``reason``, ``skipped`` (why nothing is
     exported, or ``None``), ``pick`` (the sparsest row within ``drop`` points) and

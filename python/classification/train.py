@@ -122,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train for a model pruned to exactly S (a fraction in (0, 1), e.g. 0.9): α of pilot/spred/l1 "
                         "is steered by TargetSparsity (grown while pruning to S would remove more than "
                         "--share-tolerance of Σ|x| and the train accuracy holds, else shrunk; decayed over the last "
-                        "quarter of the epochs); dense only prunes. The run exports at S and reports top-1 at S. "
+                        "quarter of the epochs); dense only prunes. The run exports at S if top-1 there is within 1 "
+                        "point of unpruned, else the sparsest sweep point that is, and says so last. "
                         f"Default: {MAIN_JOB_TARGET:g} for a new --method pilot run on the embedded data (the no-flag "
                         "job) unless --alpha-schedule, --delta, --l1-threshold, --export-sparsity or --cycles is given; "
                         "else none. 'off': no target (pilot: the adaptive α of Algorithm 1, the sparsest sweep point "
@@ -301,10 +302,10 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
 
     log = Logger(info, out_dir, args.tensorboard, state["epoch"] if state is not None else None)
     target_mode = isinstance(alpha_scheduler, TargetSparsity)
-    n_split = n_weights(model_without_ddp)
+    n_reparam = n_weights(model_without_ddp)
     n_all = sum(p.numel() for p in model_without_ddp.parameters())
     log.print(f"data: {data.description}")
-    log.print(run_line(args, n_all, n_split, device, info.world_size, target_mode))
+    log.print(run_line(args, n_all, n_reparam, device, info.world_size, target_mode))
     if alpha_rule:
         log.print(alpha_rule)
     if resume_path:
