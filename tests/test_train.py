@@ -169,7 +169,7 @@ def test_embedded_default_shortened_says_it_did_not_reach_its_target(tmp_path, c
     assert (meta["target_sparsity"], meta["reason"]) == (pick["target"], sweep["export"]["reason"])
     fresh = DigitsCNN()
     fresh.load_state_dict(torch.load(out / "sparse_model.pt", weights_only=True), strict=True)
-    assert sparsity_report(fresh).sparsity == pytest.approx(pick["sparsity"], abs=1e-12)
+    assert sparsity_report(fresh).sparsity == pytest.approx(pick["sparsity"], abs=1e-12)  # the sweep's pruning
     assert text.strip().splitlines()[-2:] == [
         f"target sparsity 97% not reached: top-1 {at['top1']:.2f}% at {100 * at['sparsity']:.2f}% sparse, unpruned "
         f"{rows[0]['top1']:.2f}% ({at['top1'] - rows[0]['top1']:+.2f} points, more than 1 below unpruned)",
