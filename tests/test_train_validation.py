@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flags
 import train
 
 
@@ -105,7 +106,7 @@ def test_alpha_zero_is_fine_with_a_constant_schedule():
 def test_target_sparsity_sets_the_schedule_the_export_and_the_sweep():
     args = train.resolve_args(train.parse_args(["--target-sparsity", "0.87", "--sweep-sparsities", "0,0.5"]), 1)
     assert (args.alpha_schedule, args.export_sparsity, args.sweep) == ("target", 0.87, [0.0, 0.5, 0.87])
-    assert args.share_tolerance == train.DEFAULT_SHARE_TOLERANCE
+    assert args.share_tolerance == flags.DEFAULT_SHARE_TOLERANCE
     same = train.resolve_args(train.parse_args(["--target-sparsity", "0.9", "--export-sparsity", "0.9",
                                                 "--alpha-schedule", "target", "--share-tolerance", "0.1"]), 1)
     assert (same.export_sparsity, same.share_tolerance) == (0.9, 0.1)
@@ -124,7 +125,7 @@ def test_the_no_flag_job_trains_for_98_percent(tmp_path):
     """A new pilot run on the embedded data: S = MAIN_JOB_TARGET with the target mode's
     α0, exported and swept at S; τ and α0 may be tuned without leaving the target mode."""
     main = resolved()
-    assert train.MAIN_JOB_TARGET == 0.97
+    assert flags.MAIN_JOB_TARGET == 0.97
     assert (main.method, main.target_sparsity, main.alpha_schedule, main.alpha, main.export_sparsity) == \
         ("pilot", 0.97, "target", 1e-3, 0.97)
     assert main.target_default and 0.97 in main.sweep
@@ -177,8 +178,8 @@ def test_data_path_target_alpha0_follows_the_steps():
                     "--alpha", "3e-4").alpha == 3e-4
     assert resolved("--data-path", "/data/x", "--arch", "resnet18").alpha == 1e-5  # adaptive: unchanged
     # The digits' 40 epochs x 22 steps at lr 0.1 give 1.1e-3, by the measured embedded 1e-3.
-    assert train.steps_alpha0(0.1, 40 * 22) == pytest.approx(0.1 / 88)
-    assert train.steps_alpha0(0.4, 90 * 5005) == pytest.approx(0.1 / (0.4 * 90 * 5005))
+    assert flags.steps_alpha0(0.1, 40 * 22) == pytest.approx(0.1 / 88)
+    assert flags.steps_alpha0(0.4, 90 * 5005) == pytest.approx(0.1 / (0.4 * 90 * 5005))
 
 
 # ---------------------------------------------------------------------- --resume

@@ -1,4 +1,5 @@
-"""Atomic writes, checkpoints, and the RNG states that make a resumed run continue exactly.
+"""Atomic writes, checkpoints, the run's claim on ``--output-dir``, and the RNG states
+that make a resumed run continue exactly.
 
 Every file the trainer writes goes through :func:`atomic_write`: a temporary file in the
 same directory, flushed and fsync'ed, then moved over the old one with ``os.replace``
@@ -11,6 +12,7 @@ so checkpoints load with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -83,6 +85,53 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
     return resume
+
+
+def epoch_of(line: str) -> Optional[int]:
+    """The epoch of a metrics.jsonl line; None for a blank or torn (partly written) line."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------- the output directory
+# What a run writes into --output-dir (besides TensorBoard's tb/).
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "sweep.json", "sweep.png", "sparse_model.pt", "sparse_model.json")
+
+
+def claim_output_dir(args: Any, is_main: bool) -> None:
+    """Refuse to start a new run over an earlier run's files in ``--output-dir``; with
+    ``--overwrite``, delete them (rank 0).  Continuing the run that lives there is fine."""
+    d = args.output_dir
+    if not d or not os.path.isdir(d):
+        return
+    if args.resume_path and os.path.samefile(os.path.dirname(os.path.abspath(args.resume_path)), d):
+        return
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(d, f))]
+    if found == ["metrics.jsonl"]:
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            if not any(epoch_of(ln) is not None for ln in f):
+                found = []  # an empty log: that run never finished an epoch
+    if not found:
+        return
+    if not args.overwrite:
+        what = ", ".join(found)
+        if CHECKPOINT_NAME in found:
+            saved = load_meta(os.path.join(d, CHECKPOINT_NAME))
+            run_args = saved.get("args") or {}
+            total = run_args.get("epochs", 0) * (run_args.get("cycles", 0) + 1)
+            what += f"; its checkpoint is at epoch {int(saved['epoch']) + 1}" + (f" of {total}" if total else "")
+        raise SystemExit(f"--output-dir {d} holds an earlier run ({what}). Continue it with --resume auto, "
+                         "start over with --overwrite (deletes those files), or give another --output-dir")
+    if is_main:
+        for f in found:
+            os.remove(os.path.join(d, f))
+        tb = os.path.join(d, "tb")
+        if os.path.isdir(tb):
+            for f in os.listdir(tb):
+                if f.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(tb, f))
 
 
 # ---------------------------------------------------------------------- RNG states

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pilot_kernels.init import splits_by_default
 from pilot_kernels.sparsity import add_l1_subgradient_
 
 from dist import DistInfo, all_reduce_max, all_reduce_sum
@@ -96,7 +97,7 @@ def train_one_epoch(
                 scaler.unscale_(optimizer)
             # α from the group (an α schedule, e.g. --target-sparsity, may change it).
             for group in optimizer.param_groups:
-                add_l1_subgradient_((p for p in group["params"] if p.ndim >= 2), float(group["alpha"]))
+                add_l1_subgradient_((p for p in group["params"] if splits_by_default(p)), float(group["alpha"]))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

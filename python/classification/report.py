@@ -1,4 +1,5 @@
-"""The accuracy-vs-sparsity sweep: table, JSON and plot (shared by train.py and compare_methods.py)."""
+"""The accuracy-vs-sparsity sweep: rows, the export choice, table, JSON and plot (shared by
+train.py and compare_methods.py)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,58 @@ def best_within(rows: Sequence[dict[str, float]], drop: float = 1.0) -> Optional
     base = rows[0]["top1"]
     ok = [r for r in rows if r["top1"] >= base - drop]
     return max(ok, key=lambda r: r["sparsity"]) if ok else None
+
+
+def chance_top1(num_classes: int, images: int) -> tuple[float, float]:
+    """Top-1 (%) of guessing among ``num_classes`` classes, and the most a guessing model
+    scores on ``images`` validation images within 3 binomial standard deviations."""
+    p = 1.0 / num_classes
+    return 100 * p, 100 * (p + 3 * math.sqrt(p * (1 - p) / max(images, 1)))
+
+
+def choose_export(rows: Sequence[dict[str, float]], num_classes: int, images: int, target: Optional[float] = None,
+                  export_sparsity: Optional[float] = None, drop: float = 1.0) -> dict[str, Any]:
+    """The sweep point the run exports, and why.
+
+    ``rows``: :func:`sweep_rows`, the unpruned model first.  ``target`` (``--target-sparsity
+    S``, a sweep point) is exported when it is "met": top-1 at ``S`` within ``drop`` points
+    of the unpruned top-1, on a model above chance that keeps a weight.  Otherwise, and
+    without a target, the sparsest sweep point within ``drop`` points is exported
+    (``export_sparsity`` overrides that where there is no target).  Nothing is exported
+    when the unpruned model is no better than chance (:func:`chance_top1` on ``images``
+    images), or keeps no nonzero weight: a chance-level model is never exported.
+
+    Returns ``sparsity`` (``None``: no export), ``reason``, ``skipped`` (why nothing is
+    exported, or ``None``), ``pick`` (the sparsest row within ``drop`` points) and
+    ``target`` (``sparsity``, ``top1`` and ``reached`` at ``S``, ``top1_unpruned``, ``met``).
+    """
+    unpruned = rows[0]
+    # A model without a single nonzero weight is not a model, however it scores.
+    pick = best_within([r for r in rows if r["sparsity"] < 1.0], drop) if unpruned["sparsity"] < 1.0 else None
+    out: dict[str, Any] = {"sparsity": None, "reason": None, "skipped": None, "pick": pick, "target": None}
+    guess, bound = chance_top1(num_classes, images)
+    if target is not None:  # met: a model at S, above chance, within drop points of unpruned
+        at = next(r for r in rows if r["target"] == target)
+        out["target"] = {"sparsity": target, "top1": at["top1"], "top1_unpruned": unpruned["top1"],
+                         "reached": at["sparsity"], "met": pick is not None and unpruned["top1"] > bound
+                         and at["sparsity"] < 1.0 and at["top1"] >= unpruned["top1"] - drop}
+    if unpruned["top1"] <= bound:
+        out["skipped"] = (f"the unpruned model is no better than chance (top-1 {unpruned['top1']:.2f}%; guessing "
+                          f"among {num_classes} classes scores {guess:.2f}%, up to {bound:.2f}% on {images} "
+                          "images). Train longer, or with a smaller --alpha or --lr")
+    elif pick is None:
+        out["skipped"] = "the unpruned model has no nonzero weight in its tensors with ndim >= 2; give a smaller --alpha"
+    elif target is not None and out["target"]["met"]:
+        out["sparsity"], out["reason"] = target, f"the target sparsity: top-1 there is within {drop:g} point of unpruned"
+    elif target is not None:
+        out["sparsity"] = pick["target"]
+        out["reason"] = (f"the sparsest sweep point within {drop:g} point of unpruned: top-1 at the target sparsity "
+                         f"{target:g} is more than {drop:g} point below unpruned")
+    elif export_sparsity is not None:
+        out["sparsity"], out["reason"] = export_sparsity, "--export-sparsity"
+    else:
+        out["sparsity"], out["reason"] = pick["target"], f"the sparsest sweep point within {drop:g} point of unpruned"
+    return out
 
 
 def format_table(rows: Sequence[dict[str, float]], title: str = "") -> str:
