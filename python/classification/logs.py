@@ -71,7 +71,7 @@ def epoch_line(r: dict[str, Any], total: int, target: Optional[float] = None) ->
     share = f" share@{100 * target:g}% {r['share']:.4f}" if "share" in r and target is not None else ""
     return (f"epoch {r['epoch'] + 1:>3}/{total}{cyc} | train loss {r['train']['loss']:.4f} acc {r['train']['acc']:6.2f}% "
             f"| val top1 {r['val']['top1']:6.2f}% top5 {r['val']['top5']:6.2f}% | lr {r['lr']:.4g} | "
-            f"α {r['alpha']:.3g}{share} | L1 {r['l1']:.4g} | sparsity |x|<=t {sp} | {r['time_s']:.1f}s")
+            f"α {r['alpha']:.3g}{' (' + r['alpha_action'] + ')' if 'alpha_action' in r else ''}{share} | L1 {r['l1']:.4g} | sparsity |x|<=t {sp} | {r['time_s']:.1f}s")
 
 
 def run_line(args: argparse.Namespace, n_params: int, n_reparam: int, device: Any, world_size: int,

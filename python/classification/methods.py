@@ -88,19 +88,24 @@ def weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if splits_by_default(p)]
 
 
-def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int) -> Optional[AlphaScheduler]:
+def build_alpha_scheduler(optimizer: torch.optim.Optimizer, args, epochs: int,
+                          chance: Optional[float] = None) -> Optional[AlphaScheduler]:
     """The α schedule (stepped once per epoch); ``None`` for dense, and for l1 without
-    ``--target-sparsity`` (its α stays constant)."""
+    ``--target-sparsity`` (its α stays constant).  ``chance`` (train top-1 of a uniform
+    guess, in percent) lets the accuracy-driven schedules cut α instead of raising it
+    while the model sits at chance."""
     pilot = isinstance(optimizer, PILoT)
     kind = args.alpha_schedule
     # l1 with --target-sparsity resolves to "target" too (l1 takes no other schedule).
     if kind == "target" and (pilot or args.method == "l1"):
         return TargetSparsity(optimizer, args.target_sparsity, epochs, tolerance=args.share_tolerance,
-                              acc_tolerance=TARGET_ACC_TOLERANCE, measure=None if pilot else weights(optimizer))
+                              acc_tolerance=TARGET_ACC_TOLERANCE, measure=None if pilot else weights(optimizer),
+                              chance=chance)
     if not pilot:
         return None
     if kind == "adaptive":
-        return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold)
+        return AdaptiveAlpha(optimizer, total_epochs=epochs, delta=args.delta, l1_threshold=args.l1_threshold,
+                             chance=chance)
     if kind == "constant":
         return ConstantAlpha(optimizer)
     if kind == "geometric":

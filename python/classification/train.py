@@ -239,7 +239,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda_factory(args.lr_warmup_epochs * iters, args.epochs * iters))
-    alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs)
+    alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs, chance=100.0 / data.num_classes)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     masks: Optional[Masks] = None
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     if "initial_alpha" in group:
                         group["alpha"] = group["initial_alpha"]
-                alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs)
+                alpha_scheduler = build_alpha_scheduler(optimizer, args, args.epochs, chance=100.0 / data.num_classes)
                 cycle_done = cycle
                 log.print(f"cycle {cycle}: pruned to {100 * target:.2f}% sparsity, {args.rewind} rewinding")
             if data.train_sampler is not None:
@@ -346,6 +346,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
             if args.target_sparsity is not None:  # what pruning to S would remove (read by the controller too)
                 last = getattr(alpha_scheduler, "last_share", None)
                 record["share"] = last if last is not None else share_at(optimizer, args.target_sparsity)
+            if getattr(alpha_scheduler, "last_action", None) == "chance":
+                record["alpha_action"] = "cut: train accuracy near chance"
             if args.cycles:
                 record["cycle"] = cycle
             if masks is not None:
