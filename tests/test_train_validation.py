@@ -279,3 +279,20 @@ def test_resume_keeps_the_runs_alpha_schedule(tmp_path, no_training):
     assert resolved("--resume", str(new), "--target-sparsity", "0.97").target_sparsity == 0.97
     refused(["--resume", str(new), "--target-sparsity", "off"], r"--target-sparsity off \(the run's: 0.97; a run keeps")
     refused(["--resume", str(new), "--alpha-schedule", "adaptive"], r"--alpha-schedule adaptive \(the run's: target\)")
+
+
+@pytest.mark.parametrize("argv", [["--target-sparsity", "0.9"], ["--target-sparsity", "off"]], ids=["target", "adaptive"])
+def test_the_alpha_schedules_know_chance(argv):
+    """The trainer tells the accuracy-driven schedules the accuracy of a uniform guess,
+    so that they cut α instead of raising it while a model sits at chance."""
+    import methods
+    from pilot_kernels import PILoT
+
+    args = resolved(*argv)
+    opt = PILoT([torch.nn.Parameter(torch.randn(3, 2))], lr=0.1, alpha=1e-3)
+    sched = methods.build_alpha_scheduler(opt, args, 10, chance=50.0)
+    assert sched.chance == 50.0
+    for _ in range(3):
+        before = opt.param_groups[0]["alpha"]
+        sched.step(50.0)
+        assert opt.param_groups[0]["alpha"] < before and sched.last_action == "chance"
