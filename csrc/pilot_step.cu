@@ -74,10 +74,10 @@ __device__ __forceinline__ void split_element(float x, const PilotHyper& h, floa
   }
   float w = w_of(x, m, bz);
   if (__fmul_rn(m, w) != x && m > 0.0f && m <= 3.402823466e38f) {
-    constexpr int kNudges[4] = {1, -1, 2, -2};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float mk = __int_as_float(__float_as_int(m) + kNudges[k]);
+      const int ulps = (k & 1) ? -(k / 2 + 1) : k / 2 + 1;  // +1, -1, +2, -2 (no array: no stack)
+      const float mk = __int_as_float(__float_as_int(m) + ulps);
       const float wk = w_of(x, mk, bz);
       if (__fmul_rn(mk, wk) == x) {
         m_out = mk;
@@ -186,12 +186,12 @@ __device__ __forceinline__ float step_chunk(const PilotTensorEntry& e, int64_t b
         bm = mt::load4(e.momentum_m + i);
         bw = mt::load4(e.momentum_w + i);
       }
-      mt::Pack4<T> x;
-      if (h.adopt_writes) x = mt::load4(x_ptr + i);
+      mt::Pack4<T> x_in{}, x;
+      if (h.adopt_writes) x_in = mt::load4(x_ptr + i);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         bool restart = first;
-        if (h.adopt_writes) restart |= adopt(x.v[k], m.v[k], w.v[k], h);
+        if (h.adopt_writes) restart |= adopt(x_in.v[k], m.v[k], w.v[k], h);
         update_element<kMomentum>(mt::Convert<G>::to_float(g.v[k]), m.v[k], w.v[k], bm.v[k],
                                   bw.v[k], restart, h, has_scale, scale);
         const float xf = __fmul_rn(m.v[k], w.v[k]);

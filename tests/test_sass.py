@@ -2,7 +2,7 @@
 and hold their SASS to the contract of :func:`sass.check` (``benchmarks/sass.py``).
 
 * Triton: every fp32 variant's unmasked (full-block) path reads and writes all its
-  streams with 128-bit accesses; bf16/fp16 variants use >= 64-bit accesses for x and its
+  streams (x read too, unless ``adopt_writes=False``) with 128-bit accesses; bf16/fp16 variants use >= 64-bit accesses for x and its
   gradient and 128-bit ones for the fp32 state;
 * CUDA twin: every stream has a vector access of those widths;
 * both: no local memory, one atomic instruction per program;
@@ -36,6 +36,7 @@ TRITON_VARIANTS = [v for v in sass.triton_variants() if v.dtype == "fp32"] + [
     sass.TritonVariant("bf16", False, False, False),
     sass.TritonVariant("fp16", True, True, True),
     sass.TritonVariant("fp16", False, False, False),
+    sass.TritonVariant("fp32", True, False, False, adopt=False),   # adopt_writes=False: x not read
 ]
 
 

@@ -185,6 +185,28 @@ def test_special_values_are_re_split_like_init_split(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_every_nudge_of_init_split(device):
+    """Written values whose split takes each of init.split's candidates (the closed form,
+    m nudged by +1, −1, +2, −2 ulps) are re-split by the kernel to the same bits."""
+    from pilot_kernels.init import _closed_form_m
+
+    pool = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 3
+    m, _ = split(pool, 1.0)
+    took = m.view(torch.int32) - _closed_form_m(pool, 1.0).view(torch.int32)
+    values = torch.cat([pool[took == k][:32] for k in (0, 1, -1, 2, -2)])
+    assert values.numel() == 160
+    s = fresh_state([(160,)], device=device)
+    s["xs"][0].data.copy_(values)
+    ref = clone_state(s)
+    zeros = [torch.zeros(160, device=device)]
+    h = hparams(lr=0.0, alpha=0.0)
+    step("triton", s, zeros, h, workspace={})
+    step("reference", ref, zeros, h)
+    assert_states_equal(s, ref)
+    assert torch.equal(s["xs"][0], values)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fp32_and_own_dtype_gradients_one_launch_each(device, dtype, monkeypatch):
     """16-bit parameters whose gradients are partly fp32 (torch's grad_dtype): one

@@ -95,7 +95,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def split_scalar(v: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
     """A hyperparameter (``lr``, ``alpha``) as a ``(float, tensor)`` pair, for flat
-    signatures (the custom op of :mod:`pilot_kernels.ops`): a tensor is passed on."""
+    signatures (the CUDA binding, the custom op of :mod:`pilot_kernels.ops`): a tensor is
+    passed on, never read on the host."""
     return (0.0, v) if isinstance(v, Tensor) else (float(v), None)
 
 
