@@ -1,4 +1,4 @@
-"""The README's usage snippet runs as written (on the CPU, with ResNet-18 for ResNet-50).
+"""The README's usage snippet runs as written (on the CPU, with ShuffleNet-V2 x0.5 for ResNet-50).
 
 The other snippets are run where their subject is tested: the "Aiming at a sparsity"
 block in ``test_target_sparsity.py``, the framework pages' blocks in
@@ -27,7 +27,7 @@ def test_readme_usage_snippet(tmp_path, monkeypatch):
     code = usage_snippet()
     model_line = "torchvision.models.resnet50().cuda()"
     assert model_line in code
-    code = code.replace(model_line, "torchvision.models.resnet18(num_classes=10)")
+    code = code.replace(model_line, "torchvision.models.shufflenet_v2_x0_5(num_classes=10)")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     alphas, printed = [], []
@@ -48,7 +48,7 @@ def test_readme_usage_snippet(tmp_path, monkeypatch):
     assert len(alphas) == 100 and max(alphas) > 7e-6  # Algorithm 1 grew α (L1 > K)
     assert len(printed) == 1 and "global" in str(printed[0])
     exported = torch.load(tmp_path / "sparse.pt")
-    fresh = torchvision.models.resnet18(num_classes=10)
+    fresh = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
     fresh.load_state_dict(exported, strict=True)  # loads into the unmodified model
     split = [n for n, p in model.named_parameters() if "m" in opt.state[p]]
     zeros = sum(int((exported[n] == 0).sum()) for n in split)
