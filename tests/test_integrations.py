@@ -2,12 +2,12 @@
 
 * torch AMP: ``scaler.unscale_(opt)``, ``clip_grad_norm_``, ``scaler.step(opt)`` with the
   default PILoT equals the same done by hand, bit for bit (a skipped inf step included).
-* PyTorch Lightning: the README snippet runs with bf16-mixed and gradient clipping; a
+* PyTorch Lightning: the docs/frameworks.md snippet runs with bf16-mixed and gradient clipping; a
   resume from a mid-epoch ``ckpt_path`` is bit-exact (parameters, every optimizer state
   tensor, α and the schedule's state).
-* timm: the README snippet (``register()``, ``create_optimizer_v2(model, opt="pilot")``)
+* timm: the docs/frameworks.md snippet (``register()``, ``create_optimizer_v2(model, opt="pilot")``)
   leaves a ViT's ``pos_embed``/``cls_token`` plain; ``param_group_fn=param_groups`` too.
-* Hugging Face: the README snippet (``optimizer_cls_and_kwargs`` with ``param_groups``)
+* Hugging Face: the docs/frameworks.md snippet (``optimizer_cls_and_kwargs`` with ``param_groups``)
   trains GPT-2; ``resume_from_checkpoint`` from a mid-epoch checkpoint is bit-exact.
 
 The frameworks are in the ``test`` extra, so CI runs all of this; where one is missing the
@@ -24,30 +24,26 @@ from torch import nn
 
 from pilot_kernels import PILoT, param_groups
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## Using PILoT with Lightning / timm / Hugging Face"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "frameworks.md"
 REASON = "{} is in the test extra (pip install -e '.[test]'): without it this integration is not tested"
 
 
-def readme_snippet(marker: str) -> str:
-    """The python block of the README's framework section that contains ``marker``."""
-    text = README.read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    blocks = re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+def doc_snippet(marker: str) -> str:
+    """The python block of docs/frameworks.md that contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     found = [b for b in blocks if marker in b]
-    assert len(found) == 1, f"expected one README snippet with {marker!r}, found {len(found)}"
+    assert len(found) == 1, f"expected one snippet with {marker!r} in {DOC.name}, found {len(found)}"
     return found[0]
 
 
 def run_snippet(marker: str, without: str = "", **names):
     """Execute the snippet (less the line ``without``, if given) with ``names`` defined."""
-    code = readme_snippet(marker)
+    code = doc_snippet(marker)
     if without:
         assert without + "\n" in code
         code = code.replace(without + "\n", "")
     namespace = dict(names)
-    exec(compile(code, f"README.md[{marker}]", "exec"), namespace)
+    exec(compile(code, f"docs/frameworks.md[{marker}]", "exec"), namespace)
     return namespace
 
 
@@ -114,7 +110,7 @@ def test_torch_amp_unscale_clip_step_matches_the_same_done_by_hand():
     assert_same_training(model.parameters(), opt, hand.parameters(), hand_opt, exact=False)
 
 
-def test_readme_param_groups_snippet():
+def test_docs_param_groups_snippet():
     model = _mlp()
     opt = run_snippet("opt = PILoT(param_groups(model)", model=model)["opt"]
     assert [(g["reparam"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [(True, 5e-5, 2),
@@ -132,7 +128,7 @@ def _mlp(seed=0):
     return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def test_lightning_readme_snippet_bf16_clipping_and_logging(tmp_path, monkeypatch):
+def test_lightning_docs_snippet_bf16_clipping_and_logging(tmp_path, monkeypatch):
     pl = pytest.importorskip("lightning.pytorch", reason=REASON.format("lightning"))
     monkeypatch.chdir(tmp_path)  # Lightning writes lightning_logs/ and checkpoints/ here
     loader = torch.utils.data.DataLoader(_tiny_classification(), batch_size=4)
@@ -279,7 +275,7 @@ def _split(model, opt):
     return {n for n, p in model.named_parameters() if "m" in opt.state[p]}
 
 
-def test_timm_readme_snippet_follows_timm_grouping():
+def test_timm_docs_snippet_follows_timm_grouping():
     model = _tiny_vit()
     ns = run_snippet("create_optimizer_v2", model=model)
     opt = ns["optimizer"]
@@ -314,7 +310,7 @@ def test_timm_param_group_fn_and_weight_decay_zero():
 
 
 # ---------------------------------------------------------------------------- Hugging Face
-def test_hf_readme_snippet_and_exact_resume_from_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+def test_hf_docs_snippet_and_exact_resume_from_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers", reason=REASON.format("transformers"))
     pytest.importorskip("accelerate", reason=REASON.format("accelerate (the Trainer's)"))
     monkeypatch.chdir(tmp_path)
