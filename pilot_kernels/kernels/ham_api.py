@@ -72,14 +72,15 @@ def adamw_scalars(lr: Scalar, beta1: float, beta2: float, weight_decay: float,
 
     With a Python ``lr`` and ``step`` these are the doubles torch.optim.AdamW computes
     (each later rounded to fp32 where it multiplies an fp32 tensor, as torch does).  With a
-    tensor ``lr`` or ``step`` (capturable) they are 0-dim fp32 tensors computed on the
-    device with no host sync."""
+    tensor ``lr`` or ``step`` (capturable) they are computed on the device in fp64, with no
+    host sync, and rounded to 0-dim fp32 tensors: the same values as the host path's
+    wherever the device's fp64 ``pow`` rounds like the host's (bitwise on the CPU)."""
     if not isinstance(lr, Tensor) and not isinstance(step, Tensor):
         return 1 - lr * weight_decay, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
     device = lr.device if isinstance(lr, Tensor) else step.device
-    lr = torch.as_tensor(lr, dtype=torch.float32, device=device)
-    step = torch.as_tensor(step, dtype=torch.float32, device=device)
-    one = torch.ones((), dtype=torch.float32, device=device)
-    decay = one - lr * weight_decay
-    step_size = lr / (one - torch.pow(beta1, step))
-    return decay, step_size, (one - torch.pow(beta2, step)).sqrt()
+    lr = torch.as_tensor(lr, device=device).double()
+    step = torch.as_tensor(step, device=device).double()
+    decay = 1 - lr * weight_decay
+    step_size = lr / (1 - torch.pow(beta1, step))
+    bc2_sqrt = (1 - torch.pow(beta2, step)) ** 0.5
+    return decay.float(), step_size.float(), bc2_sqrt.float()

@@ -9,8 +9,10 @@ HAM (Hyperbolic Aware Minimization, Jacobs, Gadhikar, Rubio-Madrigal & Burkholz,
 Every line below is one torch op, in fp32, per tensor.  The fused backends repeat the
 same operations in the same order with one rounding each, and use a fused multiply-add
 exactly where torch's own kernels do (``lerp``, ``addcmul``: see :func:`fma`), so they
-agree with this file bit for bit; with α = β = 0 the AdamW and SGD parts are
-torch.optim.AdamW / torch.optim.SGD (``foreach=False``) bit for bit for fp32 parameters.
+agree with this file bit for bit; with α = β = 0 the SGD part is torch.optim.SGD (``foreach=False``) bit for bit for fp32
+parameters, and so is the AdamW part wherever torch's ``sqrt`` is correctly rounded (CUDA;
+CPU builds without MKL; on MKL builds it differs in the last bit of ``θ`` where MKL's
+``sqrt`` does, see :func:`sqrt_rn`).
 
 ``exp`` is :func:`det_exp`, built from IEEE basic operations only, so that torch, Triton
 and C++ produce the same bits (``torch.exp``, Triton's ``tl.exp`` and libm's ``expf``
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from .ham_api import HamExtras, HamHparams, HamTensors
 
-__all__ = ["step", "det_exp", "mirror", "fma", "EXP_CLAMP", "EXP_CONSTANTS"]
+__all__ = ["step", "det_exp", "sqrt_rn", "mirror", "fma", "EXP_CLAMP", "EXP_CONSTANTS"]
 
 #: The exponent of the mirror step is clamped to [−EXP_CLAMP, EXP_CLAMP] (the paper's).
 EXP_CLAMP = 5.0
@@ -45,6 +47,20 @@ def fma(a: Tensor, b, c: Tensor) -> Tensor:
     """``a·b + c`` rounded once: torch's ``addcmul`` (value 1) is a fused multiply-add on
     CPU and CUDA, as are ``lerp`` and ``add(alpha=)``, the ops torch's AdamW and SGD use."""
     return torch.addcmul(c, a, b) if isinstance(b, Tensor) else torch.add(c, a, alpha=b)
+
+
+def sqrt_rn(v: Tensor) -> Tensor:
+    """IEEE ``sqrt`` of fp32 ``v``, correctly rounded (what CUDA, ``std::sqrt`` and Triton's
+    ``sqrt_rn`` compute).  torch's CPU ``sqrt`` goes through MKL's vsSqrt where torch is
+    built with MKL, which is off by one ulp for about a fifth of the inputs; its result is
+    moved to the neighbour the midpoint test asks for (squares of 25-bit midpoints are
+    exact in fp64, and a square root never lies exactly on a midpoint)."""
+    s = v.sqrt()
+    up, down = torch.nextafter(s, s.new_tensor(float("inf"))), torch.nextafter(s, s.new_tensor(0.0))
+    vd, sd = v.double(), s.double()
+    hi, lo = (sd + up.double()) * 0.5, (sd + down.double()) * 0.5
+    s = torch.where(vd > hi * hi, up, s)
+    return torch.where(vd < lo * lo, down, s)
 
 
 def det_exp(z: Tensor) -> Tensor:
@@ -82,7 +98,7 @@ def _adamw(theta, g, exp_avg, exp_avg_sq, h: HamHparams):
         theta = theta * h.decay
     exp_avg = torch.lerp(exp_avg, g, 1 - h.beta1)
     exp_avg_sq = fma(g * (1 - h.beta2), g, exp_avg_sq * h.beta2)
-    denom = exp_avg_sq.sqrt() / h.bias_correction2_sqrt + h.eps
+    denom = sqrt_rn(exp_avg_sq) / h.bias_correction2_sqrt + h.eps
     theta = theta + (exp_avg * (-h.step_size)) / denom   # addcdiv_(value=−step_size)
     return theta, exp_avg, exp_avg_sq
 
