@@ -363,8 +363,12 @@ class HAM(Optimizer):
             return
         for k in ("ham_alpha", "ham_beta", "ham"):
             param_group.setdefault(k, self.defaults[k])
-        self._check_group(param_group)
-        self.base.add_param_group(param_group)
+        self.base.add_param_group(param_group)      # fills in the base's defaults
+        try:
+            self._check_group(self.base.param_groups[-1])
+        except Exception:
+            self.base.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
