@@ -73,7 +73,7 @@ def _check_number(group: dict, name: str, low: float = 0.0, high: float = math.i
             raise ValueError(f"{name} must be a float{' or a one-element tensor' if tensor_ok else ''}, "
                              f"got a tensor of shape {tuple(v.shape)}")
         return  # a device value is not read on the host (no sync)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v < high or v == low):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < high:
         raise ValueError(f"{name} must be a number in [{low}, {high}), got {v!r}")
 
 
@@ -97,8 +97,7 @@ class _FusedHAM(Optimizer):
     anything changes, buckets tensors per (device, dtype, mirror on/off) and calls
     :func:`ham_step` once per bucket."""
 
-    _BASE = ""
-    _STATE_KEYS: tuple = ()
+    _STATE_KEYS: tuple = ()   # the base's buffers, kept in fp32
 
     def _check_group(self, group: dict) -> None:
         _check_number(group, "lr", tensor_ok=group["capturable"])
@@ -177,7 +176,6 @@ class HAMAdamW(_FusedHAM):
     the moments in fp32).
     """
 
-    _BASE = "adamw"
     _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, betas: tuple = (0.9, 0.999),
@@ -256,7 +254,6 @@ class HAMSGD(_FusedHAM):
     equals torch's ``b = d`` whenever ``dampening`` is 0.
     """
 
-    _BASE = "sgd"
     _STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0,

@@ -185,7 +185,7 @@ def test_wrapper_raises_when_the_base_writes_into_grad():
     opt = HAM(Writes(m.parameters(), lr=0.1), backend="reference")
     with pytest.raises(RuntimeError, match="grad_copy=True"):
         _train(m, opt, steps=1)
-    m1, m2 = _model(), _model()
+    m1 = _model()
     got = _train(m1, HAM(Writes(m1.parameters(), lr=0.1), grad_copy=True, backend="reference"))
     assert all(torch.isfinite(x).all() for x in got)
 

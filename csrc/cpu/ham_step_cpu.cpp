@@ -12,9 +12,10 @@
 // bits do not depend on a libm.  Scalars arrive as doubles and are rounded to fp32 as torch
 // rounds a Python float multiplying an fp32 tensor.
 //
-// The loops are scalar code with the flags as template parameters: gcc vectorizes them
-// for the capability the build helper compiles for.  Parallelism: one at::parallel_for
-// over the concatenated element range of all tensors.
+// The loop is scalar code (the base and momentum as template parameters, the other options
+// as selects); gcc does not vectorize it yet (docs/ham.md has the measured cost), an
+// at::vec body is the next step.  Parallelism: one at::parallel_for over the concatenated
+// element range of all tensors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
@@ -67,7 +68,7 @@ inline float det_exp(float z) {
   r = r - k * kLn2Lo;
   float p = kPoly[0];
   for (int i = 1; i < 7; ++i) p = p * r + kPoly[i];
-  const int32_t ki = k == k ? static_cast<int32_t>(k) : 0;
+  const int32_t ki = static_cast<int32_t>(k == k ? k : 0.0f);  // no NaN conversion: it may trap
   const uint32_t bits = static_cast<uint32_t>(ki + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -81,38 +82,48 @@ inline float mirror(float theta, float g, const Coeffs& c) {
   return theta * det_exp(z);
 }
 
+// Loop-invariant options are selects rather than branches; the ones that always compute
+// (÷ 1, × 1) change no bits.
 template <typename P, typename G, int B, bool MOMENTUM>
-void update_range(const Item& t, int64_t lo, int64_t hi, const Coeffs& c) {
-  P* p = static_cast<P*>(t.p);
-  const G* gp = static_cast<const G*>(t.g);
-  float* s1 = t.s1;
-  float* s2 = t.s2;
+void update_range(const Item& t, int64_t lo, int64_t hi, const Coeffs& coeffs) {
+  const Coeffs c = coeffs;  // a local copy: the stores below cannot alias it
+  P* __restrict p = static_cast<P*>(t.p);
+  const G* __restrict gp = static_cast<const G*>(t.g);
+  float* __restrict s1 = t.s1;
+  float* __restrict s2 = t.s2;
   const bool first = t.first;
+  const float scale = c.has_grad_scale ? c.grad_scale : 1.0f;
+  const float decay = c.has_weight_decay ? c.decay : 1.0f;
   for (int64_t i = lo; i < hi; ++i) {
-    float g = static_cast<float>(gp[i]);
-    if (c.has_grad_scale) g = g / c.grad_scale;
-    if (c.maximize) g = -g;
+    float g = static_cast<float>(gp[i]) / scale;            // AMP unscale (÷ 1: exact)
+    g = c.maximize ? -g : g;
     float theta = static_cast<float>(p[i]);
     if (B == kAdamW) {
-      if (c.has_weight_decay) theta = theta * c.decay;
+      theta = theta * decay;                                // decoupled decay (× 1: exact)
       const float m = s1[i];
       const float diff = g - m;  // torch.lerp: fma(w, end − self, self) or fma(w − 1, ·, end)
-      const float m_new = c.lerp_small ? std::fma(c.lerp_w, diff, m) : std::fma(c.lerp_w_minus_1, diff, g);
+      const float m_small = std::fma(c.lerp_w, diff, m);
+      const float m_large = std::fma(c.lerp_w_minus_1, diff, g);
+      const float m_new = c.lerp_small ? m_small : m_large;
       const float v_new = std::fma(g * c.one_minus_beta2, g, s2[i] * c.beta2);
       const float denom = std::sqrt(v_new) / c.bc2_sqrt + c.eps;
       theta = theta + (m_new * c.neg_step_size) / denom;
       s1[i] = m_new;
       s2[i] = v_new;
     } else if (B == kSgd) {
-      float d = c.has_weight_decay ? std::fma(theta, c.weight_decay, g) : g;
+      const float decayed = std::fma(theta, c.weight_decay, g);
+      float d = c.has_weight_decay ? decayed : g;           // L2 (g + 0·θ would flip −0)
       if (MOMENTUM) {
-        const float b = first ? d : std::fma(d, c.one_minus_dampening, s1[i] * c.momentum);
+        const float later = std::fma(d, c.one_minus_dampening, s1[i] * c.momentum);
+        const float b = first ? d : later;
         s1[i] = b;
-        d = c.nesterov ? std::fma(b, c.momentum, d) : b;
+        const float nest = std::fma(b, c.momentum, d);
+        d = c.nesterov ? nest : b;
       }
       theta = std::fma(d, c.neg_lr, theta);
     }
-    if (c.mirror) theta = mirror(theta, g, c);
+    const float mirrored = mirror(theta, g, c);
+    theta = c.mirror ? mirrored : theta;
     p[i] = static_cast<P>(theta);  // c10::BFloat16/Half round to nearest even
   }
 }
