@@ -369,7 +369,14 @@ class HAM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """``base.step(closure)``, then the mirror pass (per group, device and dtype)."""
+        """``closure()`` (if given), ``base.step()``, then the mirror pass (per group, device
+        and dtype).  The closure runs first, so the gradients the mirror step uses are the
+        ones the base step sees; bases that need a closure inside their step (LBFGS) are
+        not supported."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:        # every error before anything changes
             self._check_group(group)
         work = []
@@ -380,7 +387,7 @@ class HAM(Optimizer):
             else:
                 grads = [p.grad for p in ps]
             work.append((group, ps, grads, [g._version for g in grads]))
-        loss = self.base.step(closure) if closure is not None else self.base.step()
+        self.base.step()
         for group, ps, grads, versions in work:
             if any(g._version != v for g, v in zip(grads, versions)):
                 raise RuntimeError(
