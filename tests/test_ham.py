@@ -215,3 +215,26 @@ def test_capturable_adamw_equals_host_counters_on_cpu():
     got = _train(m1, HAMAdamW(m1.parameters(), lr=torch.tensor(0.015625), capturable=True, backend="cpu"))
     want = _train(m2, HAMAdamW(m2.parameters(), lr=0.015625, backend="cpu"))
     _equal(got, want)
+
+
+def test_step_with_closure_equals_backward_then_step():
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    results = []
+    for use_closure in (True, False):
+        m = _model()
+        opt = HAM(torch.optim.SGD(m.parameters(), lr=0.1), backend="reference")
+
+        def closure():
+            opt.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            return loss
+
+        if use_closure:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+        results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
+    assert results[0][0] == results[1][0]
+    _equal(results[0][1], results[1][1])
