@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from .grouping import param_groups
+from .ham import HAM, HAMSGD, HAMAdamW, ham_step
 from .init import split, split_
 from .optimizer import PILoT, pilot
 from .schedules import (
@@ -28,6 +29,10 @@ from .sparsity import (
 __all__ = [
     "PILoT",
     "pilot",
+    "HAM",
+    "HAMAdamW",
+    "HAMSGD",
+    "ham_step",
     "param_groups",
     "split",
     "split_",
