@@ -8,7 +8,7 @@
   (:func:`published_ham_step`: a clone per tensor, NaN checks that each sync the host, a
   masked copy) around ``AdamW(foreach=True)``.
 
-On the CPU the repetitions are interleaved across providers (:func:`pilot_kernels.bench.time_steps`),
+On the CPU the repetitions are interleaved across providers (:func:`bench.time_steps`),
 so load from other processes falls on all of them alike; CUDA uses ``do_bench``.  Peak
 temporary memory of a ``ham_adamw`` step is measured in a fresh process (VmHWM − VmRSS on
 the CPU, ``max_memory_allocated`` on CUDA).  Targets (issue 20): ham_adamw ≤ 1.15×
@@ -29,8 +29,9 @@ from typing import Callable
 import torch
 
 import bench_utils
-from pilot_kernels import HAM, HAMAdamW, bench
-from pilot_kernels.envinfo import environment
+import bench
+from envinfo import environment
+from pilot_kernels import HAM, HAMAdamW
 from pilot_kernels.init import splits_by_default
 
 PROVIDERS = ("torch_adamw_fused", "torch_adamw_foreach", "ham_adamw", "ham_wrapper", "published")
