@@ -387,6 +387,7 @@ def test_layerwise_rows_prune_the_same_fraction_of_every_weight_tensor(tmp_path,
 
     from data import load_embedded
     from models import build_model
+    from pilot_kernels.init import splits_by_default
 
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10)
@@ -395,7 +396,7 @@ def test_layerwise_rows_prune_the_same_fraction_of_every_weight_tensor(tmp_path,
     seen = []
 
     def top1(m, loader):
-        seen.append({n: float((p == 0).float().mean()) for n, p in m.named_parameters() if p.ndim >= 2})
+        seen.append({n: float((p == 0).float().mean()) for n, p in m.named_parameters() if splits_by_default(p)})
         return 50.0 + len(seen)
 
     monkeypatch.setattr(mx, "_top1", top1)
@@ -452,6 +453,26 @@ def test_matrix_summary_markdown_and_plot(tmp_path):
     assert "1 training(s) failed" in md
     cm.plot_matrix(str(tmp_path / "m.png"), cells, [0.9, 0.98], title="t")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_matrix_job_keeps_its_record_and_reuses_it_only_for_the_same_training(tmp_path, monkeypatch):
+    calls = []
+
+    def run_target(method, target, seed, epochs, workdir, dataset, targets, extra_flags):
+        calls.append((method, tuple(targets), tuple(extra_flags)))
+        return {"method": method, "target": target, "seed": seed, "top1": 50.0, "output_dir": "x"}
+
+    monkeypatch.setattr(cm, "run_target", run_target)
+    monkeypatch.setattr(mx, "layerwise_rows", lambda cell, ckpt, targets, root: [{"target": t} for t in [0.0, *targets]])
+    cell = mx.Cell("digits", 32, "digits_cnn", "short")
+    first = cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9])
+    assert first["layer_rows"] == [{"target": 0.0}, {"target": 0.9}] and first["cell"] == cell.key
+    assert (tmp_path / cell.key / "dense-seed0" / "record.json").is_file()
+    assert cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9]) == first and len(calls) == 1
+    cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9, 0.95])  # other targets: trained again
+    pilot = cm.run_matrix_job((cell, "pilot", 0.9, 0), tmp_path, tmp_path, [0.9])
+    assert len(calls) == 3 and "layer_rows" not in pilot and calls[-1][2][-2:] == ("--sweep-sparsities", "0")
+    assert (tmp_path / cell.key / "pilot-S0.9-seed0" / "record.json").is_file()
 
 
 def fake_matrix(monkeypatch, fail=()):

@@ -163,12 +163,14 @@ def run_one(config: str, seed: int, epochs: int, workdir: Path, dataset: Optiona
 
 
 def run_all(jobs: Sequence[Any], fn: Callable[[Any], dict[str, Any]], describe: Callable[[Any, dict[str, Any]], str],
-            workers: int, print_fn: Callable[[str], None] = print) -> tuple[list[Optional[dict[str, Any]]], list[str]]:
+            workers: int, print_fn: Callable[[str], None] = print,
+            on_done: Optional[Callable[[list, list], None]] = None) -> tuple[list[Optional[dict[str, Any]]], list[str]]:
     """``fn`` over ``jobs`` on ``workers`` threads (each starts one training process).
 
     Returns the results in the order of ``jobs`` (None where ``fn`` raised) and the
     failures' messages; prints one line per finished run with a time estimate, because a
-    full comparison runs for a quarter of an hour or more."""
+    full comparison runs for a quarter of an hour or more.  ``on_done(results, failures)``
+    is called after each finished run (the matrix writes its results so far)."""
     results: list[Optional[dict[str, Any]]] = [None] * len(jobs)
     failures: list[str] = []
     t0 = time.perf_counter()
@@ -186,6 +188,8 @@ def run_all(jobs: Sequence[Any], fn: Callable[[Any], dict[str, Any]], describe: 
             left = elapsed / done * (len(jobs) - done)
             print_fn(f"[{done:>{len(str(len(jobs)))}}/{len(jobs)}] {what} | {elapsed / 60:.1f} min elapsed, "
                      f"~{left / 60:.1f} min left")
+            if on_done is not None:
+                on_done(results, failures)
     return results, failures
 
 
@@ -685,13 +689,23 @@ MATRIX_ROW_NAMES = {**TARGET_ROW_NAMES, "magnitude": "dense + global magnitude",
 
 def run_matrix_job(job: tuple, workdir: Path, root: Path, targets: Sequence[float]) -> dict[str, Any]:
     """One training of the matrix: :func:`run_target` with the cell's flags; a dense run
-    also gets its layer-wise magnitude sweep (:func:`matrix.layerwise_rows`)."""
+    also gets its layer-wise magnitude sweep (:func:`matrix.layerwise_rows`).  The record
+    is kept as ``record.json`` in the run's directory and reused when a later matrix
+    (``--keep-runs`` the same folder) asks for the same training with the same flags."""
     cell, method, target, seed = job
     extra = cell.flags(root) + ([] if method == "dense" else ["--sweep-sparsities", "0"])
+    out = workdir / cell.key / (f"dense-seed{seed}" if method == "dense" else f"{method}-S{target:g}-seed{seed}")
+    asked = {"flags": extra, "epochs": cell.epochs(), "targets": list(targets)}
+    saved = out / "record.json"
+    if saved.is_file():
+        rec = json.loads(saved.read_text())
+        if rec.get("asked") == asked:
+            return rec
     rec = run_target(method, target, seed, cell.epochs(), workdir / cell.key, None, targets, extra)
-    rec.update(cell=cell.key, steps=cell.steps(), epochs=cell.epochs())
+    rec.update(cell=cell.key, steps=cell.steps(), epochs=cell.epochs(), asked=asked)
     if method == "dense":
-        rec["layer_rows"] = mx.layerwise_rows(cell, Path(rec["output_dir"]) / "checkpoint.pt", targets, root)
+        rec["layer_rows"] = mx.layerwise_rows(cell, out / "checkpoint.pt", targets, root)
+    write_json(str(saved), rec)
     return rec
 
 
@@ -751,7 +765,9 @@ def markdown_matrix(data: dict[str, Any]) -> str:
     lines = [
         f"# Generalization matrix: `{a['preset']}`" + (" (partial)" if a["preset"] != "full" else ""),
         "",
-        f"`{data['command']}` — {len(data['runs'])} trainings, {a['jobs']} at a time, "
+        f"`{data['command']}` — {len(data['runs'])} trainings"
+        + ("" if data.get("complete", True) else f" of {data['planned']} planned (stopped or still running)")
+        + f", {a['jobs']} at a time, "
         f"{data['wall_s'] / 60:.1f} min; {data['env_line']}" + (f"; {versions}" if versions else "")
         + f"; commit {env.get('git_commit')}"
         + (" (dirty)" if env.get("git_dirty") else "") + ".",
@@ -909,22 +925,36 @@ def main_matrix(args, command: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # the layer-wise sweeps run in this process, beside --jobs trainings
     t0 = time.perf_counter()
+
+    def write(results: list, failures: list, final: bool) -> Optional[Path]:
+        runs = [r for r in results if r is not None]
+        if not runs:
+            return None
+        return _write_results(argparse.Namespace(out=args.out, dataset=args.matrix), "matrix", {
+            "command": command,
+            "args": {"preset": args.matrix, "seeds": args.seeds, "methods": args.methods, "jobs": args.jobs,
+                     "datasets": args.matrix_data[0], "sizes": args.matrix_data[1], "archs": args.archs,
+                     "budgets": args.budgets},
+            "targets": args.target_sparsity, "train_flags": {c.key: c.flags(Path("DATA_ROOT")) for c in plan},
+            "cells": summarize_matrix(runs, plan, args.target_sparsity), "planned": len(jobs), "complete": final,
+            "runs": runs, "failures": failures, "wall_s": time.perf_counter() - t0,
+        })
+
+    def so_far(results: list, failures: list) -> None:
+        # The JSON and table after every finished training: a matrix that is stopped keeps what it measured.
+        stem = write(results, failures, final=False)
+        if stem is not None:
+            with atomic_write(str(stem) + ".md", "w") as f:
+                f.write(markdown_matrix(json.loads(Path(str(stem) + ".json").read_text())))
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep_runs or tmp)
         results, failures = run_all(jobs, lambda j: run_matrix_job(j, workdir, root, args.target_sparsity),
-                                    _describe_matrix, args.jobs, print_fn=lambda s: print(s, flush=True))
-    runs = [r for r in results if r is not None]
-    if not runs:
+                                    _describe_matrix, args.jobs, print_fn=lambda s: print(s, flush=True),
+                                    on_done=so_far)
+    stem = write(results, failures, final=True)
+    if stem is None:
         raise SystemExit("every training failed:\n" + "\n\n".join(failures))
-    stem = _write_results(argparse.Namespace(out=args.out, dataset=args.matrix), "matrix", {
-        "command": command,
-        "args": {"preset": args.matrix, "seeds": args.seeds, "methods": args.methods, "jobs": args.jobs,
-                 "datasets": args.matrix_data[0], "sizes": args.matrix_data[1], "archs": args.archs,
-                 "budgets": args.budgets},
-        "targets": args.target_sparsity, "train_flags": {c.key: c.flags(Path("DATA_ROOT")) for c in plan},
-        "cells": summarize_matrix(runs, plan, args.target_sparsity),
-        "runs": runs, "failures": failures, "wall_s": time.perf_counter() - t0,
-    })
     res = render_matrix(stem)
     if failures:
         print(f"{len(failures)} training(s) failed:\n" + "\n\n".join(failures), file=sys.stderr)
