@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy vs. sparsity of six sparsification methods on the embedded digits data.
+"""Accuracy vs. sparsity of the sparsification methods: embedded digits, target sparsities, a generalization matrix.
 
 Every method trains the default ``digits_cnn`` (61 k parameters) on scikit-learn's
 handwritten digits with ``train.py`` beside this script (same data, schedule, epochs and
@@ -55,6 +55,24 @@ with its min–max over seeds, the sparsity the exported model reached, the best
 per target (and whether its lead exceeds the seeds' spread), and a plot of top-1 at
 ``S`` against ``S`` with min–max bands and the dense unpruned accuracy as a line.
 
+Matrix mode: does it generalize?
+--------------------------------
+
+``--matrix [PRESET]`` (issue 19) trains pilot, spred and l1 aimed at each target and one
+dense model per cell, pruned by global and by layer-wise magnitude, over data × image
+size × model × step budget, the way a new user would run ``train.py`` (see
+``matrix.py`` beside this script for what a cell is and ``docs/generalization.md`` for
+results and timings).  Presets: ``full`` (the whole matrix), ``short`` (its 300-step
+budget), ``slice`` (digits at 32 px, three models, 90%), ``smoke`` (CI); ``--datasets``,
+``--sizes``, ``--archs``, ``--budgets``, ``--target-sparsity``, ``--methods`` and
+``--seeds`` narrow a preset.  ``--dry-run`` prints the plan with a time estimate measured
+on this machine.  The JSON and table are rewritten after every finished training.
+
+    python python/classification/compare_methods.py --matrix --dry-run
+    python python/classification/compare_methods.py --matrix slice --keep-runs runs/matrix
+
+Writes ``compare_methods_matrix_<PRESET>.{json,md,png}``.
+
 Both modes take ``--dataset NAME`` (passed to ``train.py``); for a dataset other than
 the default ``digits`` the file names end in ``_NAME``, e.g.
 ``compare_methods_target_mnist.json``.  ``--jobs`` runs that many trainings at once
@@ -77,14 +95,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pilot_kernels.envinfo import environment
-from checkpoint import atomic_write
-from report import best_within, plot_sweeps, write_json
-import matrix as mx
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRAIN = HERE / "train.py"
+# This checkout's pilot_kernels, the one the train.py runs get (_train_env), so that the
+# environment recorded with the results names the code that produced them.
+sys.path.insert(1, str(ROOT))
+
+from pilot_kernels.envinfo import environment  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from report import best_within, plot_sweeps, write_json  # noqa: E402
+import matrix as mx  # noqa: E402
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995]
 TABLE_AT = [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
@@ -327,6 +348,10 @@ def _write_results(args, kind: str, payload: dict[str, Any]) -> Path:
     return stem
 
 
+def _run_dir(workdir: Path, method: str, target: Optional[float], seed: int) -> Path:
+    return workdir / (f"dense-seed{seed}" if method == "dense" else f"{method}-S{target:g}-seed{seed}")
+
+
 def run_target(method: str, target: Optional[float], seed: int, epochs: int, workdir: Path,
                dataset: Optional[str], targets: Sequence[float], extra_flags: Sequence[str] = ()) -> dict[str, Any]:
     """One training of target mode.  ``method == "dense"`` (``target`` None) is the plain
@@ -336,11 +361,10 @@ def run_target(method: str, target: Optional[float], seed: int, epochs: int, wor
     go to ``train.py`` too (the matrix mode's data, model and schedule)."""
     flags, _ = TARGET_CONFIGS[method]
     common = [*_dataset_flags(dataset), *extra_flags, "--epochs", str(epochs), "--seed", str(seed)]
+    out = _run_dir(workdir, method, target, seed)
     if method == "dense":
-        out = workdir / f"dense-seed{seed}"
         extra = ["--sweep-sparsities", ",".join(f"{s:g}" for s in [0.0, *targets])]
     else:
-        out = workdir / f"{method}-S{target:g}-seed{seed}"
         extra = ["--target-sparsity", f"{target:g}"]
     sweep, metrics, wall = _run_train([*flags, *common, *extra], out, f"{method} S={target} seed {seed}")
     last = metrics[-1]
@@ -694,7 +718,7 @@ def run_matrix_job(job: tuple, workdir: Path, root: Path, targets: Sequence[floa
     (``--keep-runs`` the same folder) asks for the same training with the same flags."""
     cell, method, target, seed = job
     extra = cell.flags(root) + ([] if method == "dense" else ["--sweep-sparsities", "0"])
-    out = workdir / cell.key / (f"dense-seed{seed}" if method == "dense" else f"{method}-S{target:g}-seed{seed}")
+    out = _run_dir(workdir / cell.key, method, target, seed)
     asked = {"flags": extra, "epochs": cell.epochs(), "targets": list(targets)}
     saved = out / "record.json"
     if saved.is_file():
