@@ -442,7 +442,8 @@ def test_matrix_summary_markdown_and_plot(tmp_path):
             "environment": {"torch": "2.x", "torchvision": "0.x", "git_commit": "abc"}, "env_line": "CPU: t, 2 cores"}
     md = cm.markdown_matrix(data)
     assert md.startswith("# Generalization matrix: `slice` (partial)")
-    assert "`python python/classification/compare_methods.py --matrix slice` — 14 trainings, 2 at a time, 10.0 min" in md
+    assert "`python python/classification/compare_methods.py --matrix slice` — 14 trainings, 2 at a time, 10.0 min; " \
+           "the trainings' own wall times sum to 2.3 min;" in md
     assert "torch 2.x, torchvision 0.x" in md and "commit abc" in md
     assert "| digits 32 px | resnet18 | short (264 steps) | pilot | 97.0 | 70.0 | 30.0 |" in md
     assert "|  |  |  | spred | 97.0 | **80.0** | 40.0 |" in md
@@ -450,7 +451,9 @@ def test_matrix_summary_markdown_and_plot(tmp_path):
     assert "|  |  |  | l1 | 97.0 | 75.0 | 20.0 † |" in md
     assert "spred 2, l1 0, dense + global magnitude 0, dense + layer-wise magnitude 2" in md and "pilot 0" in md
     assert "| digits32-resnet18-short | pilot | 90% | 0 | 98.0 | 0.01 → 0.02 | 0.020 | 70.0 |" in md
-    assert "1 training(s) failed" in md
+    assert "1 training(s) failed" in md and "reused" not in md
+    data["runs"][0]["reused"] = data["runs"][1]["reused"] = True
+    assert "(2 of them reused from the records of an earlier run under --keep-runs)" in cm.markdown_matrix(data)
     cm.plot_matrix(str(tmp_path / "m.png"), cells, [0.9, 0.98], title="t")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -468,7 +471,8 @@ def test_a_matrix_job_keeps_its_record_and_reuses_it_only_for_the_same_training(
     first = cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9])
     assert first["layer_rows"] == [{"target": 0.0}, {"target": 0.9}] and first["cell"] == cell.key
     assert (tmp_path / cell.key / "dense-seed0" / "record.json").is_file()
-    assert cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9]) == first and len(calls) == 1
+    assert cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9]) == {**first, "reused": True}
+    assert len(calls) == 1
     cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9, 0.95])  # other targets: trained again
     pilot = cm.run_matrix_job((cell, "pilot", 0.9, 0), tmp_path, tmp_path, [0.9])
     assert len(calls) == 3 and "layer_rows" not in pilot and calls[-1][2][-2:] == ("--sweep-sparsities", "0")

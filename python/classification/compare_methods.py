@@ -724,7 +724,7 @@ def run_matrix_job(job: tuple, workdir: Path, root: Path, targets: Sequence[floa
     if saved.is_file():
         rec = json.loads(saved.read_text())
         if rec.get("asked") == asked:
-            return rec
+            return {**rec, "reused": True}
     rec = run_target(method, target, seed, cell.epochs(), workdir / cell.key, None, targets, extra)
     rec.update(cell=cell.key, steps=cell.steps(), epochs=cell.epochs(), asked=asked)
     if method == "dense":
@@ -786,13 +786,16 @@ def markdown_matrix(data: dict[str, Any]) -> str:
     env = data["environment"]
     versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "torchvision", "pilot_kernels") if env.get(k))
     n_seeds = len(a["seeds"])
+    reused = sum(1 for r in data["runs"] if r.get("reused"))
     lines = [
         f"# Generalization matrix: `{a['preset']}`" + (" (partial)" if a["preset"] != "full" else ""),
         "",
         f"`{data['command']}` — {len(data['runs'])} trainings"
         + ("" if data.get("complete", True) else f" of {data['planned']} planned (stopped or still running)")
-        + f", {a['jobs']} at a time, "
-        f"{data['wall_s'] / 60:.1f} min; {data['env_line']}" + (f"; {versions}" if versions else "")
+        + f", {a['jobs']} at a time, {data['wall_s'] / 60:.1f} min"
+        + (f" ({reused} of them reused from the records of an earlier run under --keep-runs)" if reused else "")
+        + f"; the trainings' own wall times sum to {sum(r['wall_s'] for r in data['runs']) / 60:.1f} min; "
+        f"{data['env_line']}" + (f"; {versions}" if versions else "")
         + f"; commit {env.get('git_commit')}"
         + (" (dirty)" if env.get("git_dirty") else "") + ".",
         "",
