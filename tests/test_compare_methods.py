@@ -326,8 +326,8 @@ def test_budgets_turn_into_whole_epochs_of_each_data_set():
 
 
 def test_cell_flags_read_an_imagefolder_for_torchvision_models_and_the_embedded_set_for_digits_cnn(tmp_path, monkeypatch):
-    monkeypatch.setattr(mx, "render_imagefolder", lambda name, size, root: Path(root) / f"{name}-{size}px")
     flags = mx.Cell("mnist", 64, "squeezenet1_1", "long").flags(tmp_path)
+    assert not list(tmp_path.iterdir())  # naming the folder renders nothing
     assert flags[flags.index("--data-path") + 1] == str(tmp_path / "mnist-64px")
     assert [flags[flags.index(f) + 1] for f in ("--train-crop-size", "--val-resize-size", "--val-crop-size")] == ["64"] * 3
     assert flags[flags.index("-b") + 1] == "32" and flags[flags.index("--lr") + 1] == "0.05"

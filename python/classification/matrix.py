@@ -64,6 +64,11 @@ def _split_indices(labels: torch.Tensor) -> tuple[list[int], list[int]]:
     return sorted(train), sorted(val)
 
 
+def imagefolder_path(name: str, size: int, root: Path = DEFAULT_ROOT) -> Path:
+    """Where :func:`render_imagefolder` puts the set ``name`` at ``size`` px."""
+    return Path(root) / f"{name}-{size}px"
+
+
 def render_imagefolder(name: str, size: int, root: Path = DEFAULT_ROOT) -> Path:
     """The embedded set ``name`` as ``root/<name>-<size>px/{train,val}/<label>/<index>.png``.
 
@@ -77,7 +82,7 @@ def render_imagefolder(name: str, size: int, root: Path = DEFAULT_ROOT) -> Path:
     spec = embedded_dataset(name)
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"size {size!r}: give an image side in pixels >= 8")
-    dest = Path(root) / f"{name}-{size}px"
+    dest = imagefolder_path(name, size, root)
     if (dest / "train").is_dir() and (dest / "val").is_dir():
         return dest
     images, labels = spec.load()
@@ -134,12 +139,13 @@ class Cell:
     def data_flags(self, root: Path) -> list[str]:
         if self.arch == DIGITS_ARCH:
             return ["--dataset", self.dataset, "--image-size", str(self.size)]
-        return ["--data-path", str(render_imagefolder(self.dataset, self.size, root)),
+        return ["--data-path", str(imagefolder_path(self.dataset, self.size, root)),
                 "--train-crop-size", str(self.size), "--val-resize-size", str(self.size),
                 "--val-crop-size", str(self.size)]
 
     def flags(self, root: Path) -> list[str]:
-        """``train.py`` flags of every training of this cell but ``--epochs`` (the method's come on top)."""
+        """``train.py`` flags of every training of this cell but ``--epochs`` (the method's come on top);
+        the ImageFolder is rendered beforehand (:func:`render_imagefolder`)."""
         return [*self.data_flags(root), "--arch", self.arch, "-b", str(BATCH), "--lr", f"{LR:g}", "-j", "0"]
 
 
