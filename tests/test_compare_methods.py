@@ -308,3 +308,254 @@ def test_target_mode_end_to_end(tmp_path):
     assert len(run["alpha"]) == 1 and run["share"][0] is not None
     md = (tmp_path / "compare_methods_target.md").read_text()
     assert "| pilot |" in md and "| magnitude pruning (of dense) |" in md and "- 90%: **" in md
+
+
+# ====================================================================== matrix mode
+import matrix as mx  # noqa: E402
+
+
+def test_budgets_turn_into_whole_epochs_of_each_data_set():
+    digits, mnist = mx.Cell("digits", 32, "resnet18", "short"), mx.Cell("mnist", 64, "resnet18", "short")
+    assert digits.train_images() == 1437 and mnist.train_images() == 4000  # the 80/20 split of train.py
+    assert (digits.epochs(), digits.steps()) == (6, 264) and (mnist.epochs(), mnist.steps()) == (2, 250)
+    long_d, long_m = mx.Cell("digits", 32, "resnet18", "long"), mx.Cell("mnist", 32, "resnet18", "long")
+    assert (long_d.epochs(), long_d.steps()) == (35, 1540) and (long_m.epochs(), long_m.steps()) == (12, 1500)
+    assert mx.Cell("digits", 32, "resnet18", "smoke").epochs() == 1
+    for c in mx.cells():
+        assert c.steps() <= 300 if c.budget == "short" else c.steps() >= 1500
+
+
+def test_cell_flags_read_an_imagefolder_for_torchvision_models_and_the_embedded_set_for_digits_cnn(tmp_path, monkeypatch):
+    flags = mx.Cell("mnist", 64, "squeezenet1_1", "long").flags(tmp_path)
+    assert not list(tmp_path.iterdir())  # naming the folder renders nothing
+    assert flags[flags.index("--data-path") + 1] == str(tmp_path / "mnist-64px")
+    assert [flags[flags.index(f) + 1] for f in ("--train-crop-size", "--val-resize-size", "--val-crop-size")] == ["64"] * 3
+    assert flags[flags.index("-b") + 1] == "32" and flags[flags.index("--lr") + 1] == "0.05"
+    assert "--epochs" not in flags and "--dataset" not in flags
+    flags = mx.Cell("digits", 32, "digits_cnn", "short").flags(tmp_path)
+    assert flags[:4] == ["--dataset", "digits", "--image-size", "32"] and "--data-path" not in flags
+
+
+def test_jobs_train_dense_once_per_cell_and_seed_and_each_method_per_target():
+    plan = mx.cells(["digits"], [32], ["digits_cnn", "resnet18"], ["short"])
+    jobs = mx.jobs(plan, ["dense", "pilot", "spred"], [0.9, 0.98], [0, 1])
+    assert len(jobs) == 2 * 2 * (1 + 2 * 2)
+    assert sorted((j[0].arch, j[3]) for j in jobs if j[1] == "dense") == [
+        ("digits_cnn", 0), ("digits_cnn", 1), ("resnet18", 0), ("resnet18", 1)]
+    assert {(j[1], j[2]) for j in jobs if j[1] != "dense"} == {(m, t) for m in ("pilot", "spred") for t in (0.9, 0.98)}
+    with pytest.raises(ValueError, match="unknown budgets"):
+        mx.cells(budgets=["medium"])
+    with pytest.raises(ValueError, match="unknown embedded dataset"):
+        mx.cells(datasets=["cifar"])
+
+
+def test_rendered_imagefolder_holds_the_embedded_split_as_rgb_pngs(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from data import embedded_dataset, load_embedded
+
+    root = mx.render_imagefolder("digits", 8, tmp_path)  # 8 px: digits' native size, no resize
+    assert root == tmp_path / "digits-8px"
+    index = {split: sorted((int(p.stem), int(p.parent.name)) for p in root.glob(f"{split}/*/*.png"))
+             for split in ("train", "val")}
+    assert len(index["train"]) == 1437 and len(index["val"]) == 360
+    assert not {i for i, _ in index["train"]} & {i for i, _ in index["val"]}
+    raw, labels = embedded_dataset("digits").load()
+    for i, label in index["val"][:20]:
+        img = Image.open(root / "val" / str(label) / f"{i:05d}.png")
+        assert img.mode == "RGB" and img.size == (8, 8) and label == int(labels[i])
+        assert np.array_equal(np.asarray(img)[..., 1], (raw[i, 0] * 255).round().to(torch.uint8).numpy())
+    # The in-memory loader's split: its val images are these, standardized with these train images.
+    train_idx = torch.tensor([i for i, _ in index["train"]])
+    val_idx = torch.tensor([i for i, _ in index["val"]])
+    mean, std = raw[train_idx].mean().item(), raw[train_idx].std().item()
+    _, emb_val, _ = load_embedded("digits", 8, 1, 0)
+    assert torch.equal(emb_val.labels.sort().values, labels[val_idx].sort().values)
+    ours = ((raw[val_idx] - mean) / std).flatten(1)
+    theirs = emb_val.images.flatten(1)
+    assert torch.allclose(torch.sort(ours.sum(1)).values, torch.sort(theirs.sum(1)).values, atol=1e-5)
+    stamp = (root / "val").stat().st_mtime_ns
+    assert mx.render_imagefolder("digits", 8, tmp_path) == root and (root / "val").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=">= 8"):
+        mx.render_imagefolder("digits", 4, tmp_path)
+
+
+def test_layerwise_rows_prune_the_same_fraction_of_every_weight_tensor(tmp_path, monkeypatch):
+    import torch
+
+    from data import load_embedded
+    from models import build_model
+    from pilot_kernels.init import splits_by_default
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10)
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pt")
+    cell = mx.Cell("digits", 8, "digits_cnn", "smoke")
+    seen = []
+
+    def top1(m, loader):
+        seen.append({n: float((p == 0).float().mean()) for n, p in m.named_parameters() if splits_by_default(p)})
+        return 50.0 + len(seen)
+
+    monkeypatch.setattr(mx, "_top1", top1)
+    rows = mx.layerwise_rows(cell, tmp_path / "checkpoint.pt", [0.5, 0.9], tmp_path)
+    assert [r["target"] for r in rows] == [0.0, 0.5, 0.9] and [r["top1"] for r in rows] == [51.0, 52.0, 53.0]
+    assert rows[2]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert all(v == 0 for v in seen[0].values())
+    for target, fractions in zip((0.5, 0.9), seen[1:]):  # every tensor, not just the large ones
+        assert all(abs(f - target) < 0.02 for f in fractions.values()), fractions
+    assert len(load_embedded("digits", 8, 1)[1]) == 360
+
+
+def matrix_runs():
+    """Two cells' run records: in the first spred wins at 0.9 and layer-wise magnitude at 0.98."""
+    runs = []
+    for cell, offset in (("digits32-digits_cnn-short", 0.0), ("digits32-resnet18-short", -10.0)):
+        d = dense(0, 98.0 + offset, {0.9: (60.0 + offset, 0.9), 0.98: (20.0 + offset, 0.98)})
+        d.update(cell=cell, layer_rows=[{"target": 0.0, "sparsity": 0.0, "top1": 98.0 + offset},
+                                        {"target": 0.9, "sparsity": 0.9, "top1": 70.0 + offset},
+                                        {"target": 0.98, "sparsity": 0.98, "top1": 95.0 + offset}])
+        runs.append(d)
+        for method, (a9, a98) in {"pilot": (80.0, 40.0), "spred": (90.0, 50.0), "l1": (85.0, 30.0)}.items():
+            for t, a in ((0.9, a9), (0.98, a98)):
+                r = aimed(method, t, 0, a + offset, reached=0.95 if (method, t) == ("l1", 0.98) else None)
+                r["cell"] = cell
+                runs.append(r)
+    return runs
+
+
+def test_matrix_summary_markdown_and_plot(tmp_path):
+    plan = mx.cells(["digits"], [32], ["digits_cnn", "resnet18"], ["short"])
+    cells = cm.summarize_matrix(matrix_runs(), plan, [0.9, 0.98])
+    assert list(cells) == ["digits32-digits_cnn-short", "digits32-resnet18-short"]
+    s = cells["digits32-resnet18-short"]["summary"]
+    assert set(s) == {"pilot", "spred", "l1", "magnitude", "magnitude_layer", "dense"}
+    assert [r["top1"] for r in s["magnitude_layer"]["rows"]] == [60.0, 85.0]
+    assert [r["top1"] for r in s["magnitude"]["rows"]] == [50.0, 10.0]
+    assert cm.matrix_best(s, 0.9) == (["spred"], 80.0) and cm.matrix_best(s, 0.98) == (["magnitude_layer"], 85.0)
+    assert cells["digits32-resnet18-short"]["steps"] == 264
+    data = {"args": {"preset": "slice", "seeds": [0], "jobs": 2}, "targets": [0.9, 0.98], "cells": cells,
+            "runs": matrix_runs(), "failures": ["(cell, 'l1', 0.9, 1): l1 failed (exit 1): boom"], "wall_s": 600.0,
+            "command": "python python/classification/compare_methods.py --matrix slice",
+            "environment": {"torch": "2.x", "torchvision": "0.x", "git_commit": "abc"}, "env_line": "CPU: t, 2 cores"}
+    md = cm.markdown_matrix(data)
+    assert md.startswith("# Generalization matrix: `slice` (partial)")
+    assert "`python python/classification/compare_methods.py --matrix slice` — 14 trainings, 2 at a time, 10.0 min; " \
+           "the trainings' own wall times sum to 2.3 min;" in md
+    assert "torch 2.x, torchvision 0.x" in md and "commit abc" in md
+    assert "| digits 32 px | resnet18 | short (264 steps) | pilot | 97.0 | 70.0 | 30.0 |" in md
+    assert "|  |  |  | spred | 97.0 | **80.0** | 40.0 |" in md
+    assert "|  |  |  | dense + layer-wise magnitude | 88.0 | 60.0 | **85.0** |" in md
+    assert "|  |  |  | l1 | 97.0 | 75.0 | 20.0 † |" in md
+    assert "spred 2, l1 0, dense + global magnitude 0, dense + layer-wise magnitude 2" in md and "pilot 0" in md
+    assert "| digits32-resnet18-short | pilot | 90% | 0 | 98.0 | 0.01 → 0.02 | 0.020 | 70.0 |" in md
+    assert "1 training(s) failed" in md and "reused" not in md
+    data["runs"][0]["reused"] = data["runs"][1]["reused"] = True
+    assert "(2 of them reused from the records of an earlier run under --keep-runs)" in cm.markdown_matrix(data)
+    cm.plot_matrix(str(tmp_path / "m.png"), cells, [0.9, 0.98], title="t")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_matrix_job_keeps_its_record_and_reuses_it_only_for_the_same_training(tmp_path, monkeypatch):
+    calls = []
+
+    def run_target(method, target, seed, epochs, workdir, dataset, targets, extra_flags):
+        calls.append((method, tuple(targets), tuple(extra_flags)))
+        return {"method": method, "target": target, "seed": seed, "top1": 50.0, "output_dir": "x"}
+
+    monkeypatch.setattr(cm, "run_target", run_target)
+    monkeypatch.setattr(mx, "layerwise_rows", lambda cell, ckpt, targets, root: [{"target": t} for t in [0.0, *targets]])
+    cell = mx.Cell("digits", 32, "digits_cnn", "short")
+    first = cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9])
+    assert first["layer_rows"] == [{"target": 0.0}, {"target": 0.9}] and first["cell"] == cell.key
+    assert (tmp_path / cell.key / "dense-seed0" / "record.json").is_file()
+    assert cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9]) == {**first, "reused": True}
+    assert len(calls) == 1
+    cm.run_matrix_job((cell, "dense", None, 0), tmp_path, tmp_path, [0.9, 0.95])  # other targets: trained again
+    pilot = cm.run_matrix_job((cell, "pilot", 0.9, 0), tmp_path, tmp_path, [0.9])
+    assert len(calls) == 3 and "layer_rows" not in pilot and calls[-1][2][-2:] == ("--sweep-sparsities", "0")
+    assert (tmp_path / cell.key / "pilot-S0.9-seed0" / "record.json").is_file()
+
+
+def fake_matrix(monkeypatch, fail=()):
+    records = matrix_runs()
+    calls = []
+
+    def job(j, workdir, root, targets):
+        cell, method, target, seed = j
+        calls.append((cell.key, method, target, seed))
+        if (method, target) in fail:
+            raise RuntimeError(f"{method} S={target} seed {seed} failed (exit 1): boom")
+        return next(r for r in records if r["cell"] == cell.key and r["method"] == method and r["target"] == target)
+
+    monkeypatch.setattr(cm, "run_matrix_job", job)
+    monkeypatch.setattr(mx, "seconds_per_step", lambda arch, size: 0.5 if arch == "resnet18" else 0.1)
+    monkeypatch.setattr(mx, "render_imagefolder", lambda name, size, root: Path(root) / f"{name}-{size}px")
+    monkeypatch.setattr(cm, "environment", lambda kind: {"cpu": "fake cpu", "cpu_count": 2, "torch": "t"})
+    return calls
+
+
+def test_matrix_dry_run_prints_the_plan_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    calls = fake_matrix(monkeypatch)
+    res = cm.main(["--matrix", "slice", "--archs", "digits_cnn,resnet18", "--jobs", "2", "--dry-run",
+                   "--out", str(tmp_path)])
+    assert calls == [] and res["jobs"] == 2 * 3 and not list(tmp_path.iterdir())
+    out = capsys.readouterr().out
+    assert "digits32-resnet18-short" in out and "6 trainings, 2 at a time" in out
+    assert f"{3 * 264 * (0.5 + 0.1) / 2 / 3600:.1f} h" in out
+
+
+def test_matrix_mode_writes_json_md_png_with_the_environment(tmp_path, monkeypatch, capsys):
+    calls = fake_matrix(monkeypatch, fail={("l1", 0.98)})
+    res = cm.main(["--matrix", "slice", "--archs", "digits_cnn,resnet18", "--methods", "dense,pilot,spred,l1",
+                   "--target-sparsity", "0.9,0.98", "--jobs", "2", "--out", str(tmp_path), "--data-root", str(tmp_path)])
+    assert len(calls) == 2 * (1 + 3 * 2) and {c[1] for c in calls if c[2] is None} == {"dense"}
+    data = json.loads((tmp_path / "compare_methods_matrix_slice.json").read_text())
+    assert data["environment"]["cpu"] == "fake cpu" and data["args"]["archs"] == ["digits_cnn", "resnet18"]
+    assert len(data["runs"]) == 12 and len(data["failures"]) == 2
+    assert "--data-path" in data["train_flags"]["digits32-resnet18-short"]
+    assert (tmp_path / "compare_methods_matrix_slice.png").stat().st_size > 10_000
+    md = (tmp_path / "compare_methods_matrix_slice.md").read_text()
+    assert "2 training(s) failed" in md and "| digits 32 px | digits_cnn |" in md
+    assert set(res["cells"]) == {"digits32-digits_cnn-short", "digits32-resnet18-short"}
+    assert "[14/14]" in capsys.readouterr().out
+    (tmp_path / "compare_methods_matrix_slice.md").unlink()
+    cm.main(["--matrix", "slice", "--render-only", "--out", str(tmp_path)])
+    assert (tmp_path / "compare_methods_matrix_slice.md").read_text() == md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matrix", "--epochs", "3"], "leave out --epochs"),
+    (["--matrix", "--dataset", "mnist"], "leave out --epochs and --dataset"),
+    (["--matrix", "--datasets", "cifar"], "--datasets: unknown ['cifar']"),
+    (["--matrix", "--budgets", "medium"], "--budgets: unknown ['medium']"),
+    (["--matrix", "--methods", "magnitude"], "--methods: unknown ['magnitude']"),
+    (["--matrix", "--sizes", "4"], "at least 8 pixels"),
+    (["--matrix", "nope"], "invalid choice"),
+    (["--dry-run"], "--dry-run: only with --matrix"),
+    (["--archs", "resnet18", "--target-sparsity", "0.9"], "--archs: only with --matrix"),
+    (["--matrix", "smoke", "--render-only"], "compare_methods_matrix_smoke.json does not exist"),
+])
+def test_bad_matrix_arguments_say_what_to_fix(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cm.main([*argv, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_matrix_smoke_end_to_end(tmp_path):
+    """The CI subset for real: squeezenet1_1 reads the rendered digits ImageFolder for one
+    epoch, dense (both magnitude baselines) and pilot at 90%."""
+    res = cm.main(["--matrix", "smoke", "--jobs", "2", "--out", str(tmp_path), "--data-root", str(tmp_path / "data")])
+    assert res["failures"] == []
+    (cell,) = res["cells"].values()
+    s = cell["summary"]
+    assert set(s) == {"pilot", "magnitude", "magnitude_layer", "dense"}
+    for name in ("pilot", "magnitude", "magnitude_layer"):
+        (row,) = s[name]["rows"]
+        assert row["target"] == 0.9 and 0.0 <= row["top1"] <= 100.0
+        assert row["reached"] == pytest.approx(0.9, abs=5e-3)
+    assert (tmp_path / "data" / "digits-32px" / "val" / "9").is_dir()
+    assert "| digits 32 px | squeezenet1_1 | smoke (44 steps) |" in (tmp_path / "compare_methods_matrix_smoke.md").read_text()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy vs. sparsity of six sparsification methods on the embedded digits data.
+"""Accuracy vs. sparsity of the sparsification methods: embedded digits, target sparsities, a generalization matrix.
 
 Every method trains the default ``digits_cnn`` (61 k parameters) on scikit-learn's
 handwritten digits with ``train.py`` beside this script (same data, schedule, epochs and
@@ -55,6 +55,24 @@ with its min–max over seeds, the sparsity the exported model reached, the best
 per target (and whether its lead exceeds the seeds' spread), and a plot of top-1 at
 ``S`` against ``S`` with min–max bands and the dense unpruned accuracy as a line.
 
+Matrix mode: does it generalize?
+--------------------------------
+
+``--matrix [PRESET]`` (issue 19) trains pilot, spred and l1 aimed at each target and one
+dense model per cell, pruned by global and by layer-wise magnitude, over data × image
+size × model × step budget, the way a new user would run ``train.py`` (see
+``matrix.py`` beside this script for what a cell is and ``docs/generalization.md`` for
+results and timings).  Presets: ``full`` (the whole matrix), ``short`` (its 300-step
+budget), ``slice`` (digits at 32 px, three models, 90%), ``smoke`` (CI); ``--datasets``,
+``--sizes``, ``--archs``, ``--budgets``, ``--target-sparsity``, ``--methods`` and
+``--seeds`` narrow a preset.  ``--dry-run`` prints the plan with a time estimate measured
+on this machine.  The JSON and table are rewritten after every finished training.
+
+    python python/classification/compare_methods.py --matrix --dry-run
+    python python/classification/compare_methods.py --matrix slice --keep-runs runs/matrix
+
+Writes ``compare_methods_matrix_<PRESET>.{json,md,png}``.
+
 Both modes take ``--dataset NAME`` (passed to ``train.py``); for a dataset other than
 the default ``digits`` the file names end in ``_NAME``, e.g.
 ``compare_methods_target_mnist.json``.  ``--jobs`` runs that many trainings at once
@@ -77,15 +95,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from checkpoint import atomic_write
-from report import best_within, plot_sweeps, write_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # envinfo, beside the benchmarks
-from envinfo import environment  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRAIN = HERE / "train.py"
+# This checkout's pilot_kernels, the one the train.py runs get (_train_env), so that the
+# environment recorded with the results names the code that produced them.
+sys.path.insert(1, str(ROOT))
+sys.path.insert(2, str(ROOT / "benchmarks"))  # envinfo, beside the benchmarks
+
+from envinfo import environment  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from report import best_within, plot_sweeps, write_json  # noqa: E402
+import matrix as mx  # noqa: E402
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995]
 TABLE_AT = [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
@@ -122,7 +143,10 @@ TARGET_ROW_NAMES = {"pilot": "pilot", "spred": "spred", "l1": "l1",
 
 def _train_env() -> dict[str, str]:
     # One thread per run: the runs themselves are the parallelism (--jobs of them at once).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # ROOT first on the path: train.py (run as a script) imports this checkout's pilot_kernels,
+    # the one this process runs, not whichever checkout is pip-installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _dataset_flags(dataset: Optional[str]) -> list[str]:
@@ -161,12 +185,14 @@ def run_one(config: str, seed: int, epochs: int, workdir: Path, dataset: Optiona
 
 
 def run_all(jobs: Sequence[Any], fn: Callable[[Any], dict[str, Any]], describe: Callable[[Any, dict[str, Any]], str],
-            workers: int, print_fn: Callable[[str], None] = print) -> tuple[list[Optional[dict[str, Any]]], list[str]]:
+            workers: int, print_fn: Callable[[str], None] = print,
+            on_done: Optional[Callable[[list, list], None]] = None) -> tuple[list[Optional[dict[str, Any]]], list[str]]:
     """``fn`` over ``jobs`` on ``workers`` threads (each starts one training process).
 
     Returns the results in the order of ``jobs`` (None where ``fn`` raised) and the
     failures' messages; prints one line per finished run with a time estimate, because a
-    full comparison runs for a quarter of an hour or more."""
+    full comparison runs for a quarter of an hour or more.  ``on_done(results, failures)``
+    is called after each finished run (the matrix writes its results so far)."""
     results: list[Optional[dict[str, Any]]] = [None] * len(jobs)
     failures: list[str] = []
     t0 = time.perf_counter()
@@ -184,6 +210,8 @@ def run_all(jobs: Sequence[Any], fn: Callable[[Any], dict[str, Any]], describe: 
             left = elapsed / done * (len(jobs) - done)
             print_fn(f"[{done:>{len(str(len(jobs)))}}/{len(jobs)}] {what} | {elapsed / 60:.1f} min elapsed, "
                      f"~{left / 60:.1f} min left")
+            if on_done is not None:
+                on_done(results, failures)
     return results, failures
 
 
@@ -321,25 +349,29 @@ def _write_results(args, kind: str, payload: dict[str, Any]) -> Path:
     return stem
 
 
+def _run_dir(workdir: Path, method: str, target: Optional[float], seed: int) -> Path:
+    return workdir / (f"dense-seed{seed}" if method == "dense" else f"{method}-S{target:g}-seed{seed}")
+
+
 def run_target(method: str, target: Optional[float], seed: int, epochs: int, workdir: Path,
-               dataset: Optional[str], targets: Sequence[float]) -> dict[str, Any]:
+               dataset: Optional[str], targets: Sequence[float], extra_flags: Sequence[str] = ()) -> dict[str, Any]:
     """One training of target mode.  ``method == "dense"`` (``target`` None) is the plain
     dense run, swept at every target for the magnitude-pruning baseline; any other method is
     trained with ``--target-sparsity target`` and read from ``sweep.json``'s ``"target"``
-    entry (``sparsity``, ``top1`` at it, ``top1_unpruned``, ``reached``)."""
+    entry (``sparsity``, ``top1`` at it, ``top1_unpruned``, ``reached``).  ``extra_flags``
+    go to ``train.py`` too (the matrix mode's data, model and schedule)."""
     flags, _ = TARGET_CONFIGS[method]
-    common = [*_dataset_flags(dataset), "--epochs", str(epochs), "--seed", str(seed)]
+    common = [*_dataset_flags(dataset), *extra_flags, "--epochs", str(epochs), "--seed", str(seed)]
+    out = _run_dir(workdir, method, target, seed)
     if method == "dense":
-        out = workdir / f"dense-seed{seed}"
         extra = ["--sweep-sparsities", ",".join(f"{s:g}" for s in [0.0, *targets])]
     else:
-        out = workdir / f"{method}-S{target:g}-seed{seed}"
         extra = ["--target-sparsity", f"{target:g}"]
     sweep, metrics, wall = _run_train([*flags, *common, *extra], out, f"{method} S={target} seed {seed}")
     last = metrics[-1]
     rec: dict[str, Any] = {"method": method, "target": target, "seed": seed, "wall_s": wall,
                            "final_train_acc": last["train"]["acc"], "arch": sweep.get("arch"),
-                           "val_images": last["val"].get("images")}
+                           "val_images": last["val"].get("images"), "output_dir": str(out)}
     if method == "dense":
         rec.update(rows=sweep["rows"], top1_unpruned=sweep["rows"][0]["top1"])
         return rec
@@ -674,6 +706,289 @@ def main_target(args, targets: list[float]) -> dict[str, Any]:
     return res
 
 
+# ---------------------------------------------------------------------- matrix mode
+MATRIX_ORDER = ["pilot", "spred", "l1", "magnitude", "magnitude_layer"]  # rows of each cell
+MATRIX_ROW_NAMES = {**TARGET_ROW_NAMES, "magnitude": "dense + global magnitude",
+                    "magnitude_layer": "dense + layer-wise magnitude"}
+
+
+def run_matrix_job(job: tuple, workdir: Path, root: Path, targets: Sequence[float]) -> dict[str, Any]:
+    """One training of the matrix: :func:`run_target` with the cell's flags; a dense run
+    also gets its layer-wise magnitude sweep (:func:`matrix.layerwise_rows`).  The record
+    is kept as ``record.json`` in the run's directory and reused when a later matrix
+    (``--keep-runs`` the same folder) asks for the same training with the same flags."""
+    cell, method, target, seed = job
+    extra = cell.flags(root) + ([] if method == "dense" else ["--sweep-sparsities", "0"])
+    out = _run_dir(workdir / cell.key, method, target, seed)
+    asked = {"flags": extra, "epochs": cell.epochs(), "targets": list(targets)}
+    saved = out / "record.json"
+    if saved.is_file():
+        rec = json.loads(saved.read_text())
+        if rec.get("asked") == asked:
+            return {**rec, "reused": True}
+    rec = run_target(method, target, seed, cell.epochs(), workdir / cell.key, None, targets, extra)
+    rec.update(cell=cell.key, steps=cell.steps(), epochs=cell.epochs(), asked=asked)
+    if method == "dense":
+        rec["layer_rows"] = mx.layerwise_rows(cell, out / "checkpoint.pt", targets, root)
+    write_json(str(saved), rec)
+    return rec
+
+
+def _describe_matrix(job: tuple, rec: dict[str, Any]) -> str:
+    cell, method, target, seed = job
+    text = _describe_target((method, target, seed), rec)
+    if method == "dense":
+        text += ", layer-wise " + ", ".join(f"{100 * r['target']:g}%: {r['top1']:.1f}"
+                                            for r in rec["layer_rows"] if r["target"] > 0)
+    return f"{cell.key} {text}"
+
+
+def summarize_matrix(runs: Sequence[dict[str, Any]], plan: Sequence[Any], targets: Sequence[float]) -> dict[str, Any]:
+    """Per cell: :func:`summarize_target` of its runs plus ``magnitude_layer`` (the dense
+    runs' layer-wise sweep at each target, same row fields as ``magnitude``)."""
+    out: dict[str, Any] = {}
+    for cell in plan:
+        mine = [r for r in runs if r["cell"] == cell.key]
+        if not mine:
+            continue
+        summary = summarize_target(mine, targets)
+        dense = [r for r in mine if r["method"] == "dense"]
+        rows = []
+        for t in targets:
+            pts = [next(x for x in r["layer_rows"] if math.isclose(x["target"], t, abs_tol=1e-9)) for r in dense]
+            if pts:
+                rows.append({"target": t, "n": len(pts), "seeds": [r["seed"] for r in dense],
+                             **{("top1" if k == "mean" else k): v for k, v in _stats([p["top1"] for p in pts]).items()},
+                             "reached": statistics.mean(p["sparsity"] for p in pts),
+                             "reached_min": min(p["sparsity"] for p in pts), "share_end": None})
+        if rows:
+            summary["magnitude_layer"] = {"label": "dense SGD, the same fraction pruned from every tensor",
+                                          "rows": rows}
+        out[cell.key] = {"dataset": cell.dataset, "size": cell.size, "arch": cell.arch, "budget": cell.budget,
+                         "epochs": cell.epochs(), "steps": cell.steps(), "summary": summary}
+    return out
+
+
+def matrix_best(cell_summary: dict[str, Any], target: float) -> tuple[list[str], Optional[float]]:
+    """The methods with the best mean top-1 at ``target`` in one cell (ties all count)."""
+    tops = {}
+    for name in MATRIX_ORDER:
+        row = next((r for r in cell_summary.get(name, {}).get("rows", []) if math.isclose(r["target"], target)), None)
+        if row is not None:
+            tops[name] = row["top1"]
+    if not tops:
+        return [], None
+    best = max(tops.values())
+    return [n for n, v in tops.items() if abs(v - best) < 1e-9], best
+
+
+def markdown_matrix(data: dict[str, Any]) -> str:
+    a, targets, cells = data["args"], data["targets"], data["cells"]
+    env = data["environment"]
+    versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "torchvision", "pilot_kernels") if env.get(k))
+    n_seeds = len(a["seeds"])
+    reused = sum(1 for r in data["runs"] if r.get("reused"))
+    lines = [
+        f"# Generalization matrix: `{a['preset']}`" + (" (partial)" if a["preset"] != "full" else ""),
+        "",
+        f"`{data['command']}` — {len(data['runs'])} trainings"
+        + ("" if data.get("complete", True) else f" of {data['planned']} planned (stopped or still running)")
+        + f", {a['jobs']} at a time, {data['wall_s'] / 60:.1f} min"
+        + (f" ({reused} of them reused from the records of an earlier run under --keep-runs)" if reused else "")
+        + f"; the trainings' own wall times sum to {sum(r['wall_s'] for r in data['runs']) / 60:.1f} min; "
+        f"{data['env_line']}" + (f"; {versions}" if versions else "")
+        + f"; commit {env.get('git_commit')}"
+        + (" (dirty)" if env.get("git_dirty") else "") + ".",
+        "",
+        f"Every training is `train.py` with `-b {mx.BATCH} --lr {mx.LR:g}` and the cell's data, model and epochs, every "
+        "other flag at its default (see `python/classification/matrix.py`). pilot, spred and l1 are trained with "
+        "`--target-sparsity S` and pruned one-shot to S; the dense training of each cell and seed is pruned one-shot "
+        "to every S by one global magnitude ranking and by the same fraction per tensor (layer-wise). Top-1 (%) on "
+        f"the val images at S, mean over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+        + (", min–max in brackets" if n_seeds > 1 else "") + "; **bold** = best at S in the cell. "
+        "Unpruned: the same trainings' top-1 before pruning (for the magnitude rows: the dense model's). "
+        "† = the exported model is more than half a point less sparse than S.",
+        "",
+        "| data | model | budget | method | unpruned | " + " | ".join(f"S = {100 * t:g}%" for t in targets) + " |",
+        "|" + "---|" * (len(targets) + 5),
+    ]
+    wins = {n: 0 for n in MATRIX_ORDER}
+    for key, c in cells.items():
+        s = c["summary"]
+        best = {t: matrix_best(s, t)[0] for t in targets}
+        for t in targets:
+            for n in best[t]:
+                wins[n] += 1
+        head = [f"{c['dataset']} {c['size']} px", c["arch"], f"{c['budget']} ({c['steps']} steps)"]
+        first = True
+        for name in MATRIX_ORDER:
+            if name not in s:
+                continue
+            rows = {round(r["target"], 9): r for r in s[name]["rows"]}
+            unpruned = s["dense"]["top1"] if name.startswith("magnitude") and "dense" in s else \
+                statistics.mean(r["top1_unpruned"] for r in s[name]["rows"])
+            cells_ = []
+            for t in targets:
+                r = rows.get(round(t, 9))
+                if r is None:
+                    cells_.append("–")
+                    continue
+                text = f"{r['top1']:.1f}" + (f" [{r['min']:.1f}–{r['max']:.1f}]" if r["n"] > 1 else "")
+                text = f"**{text}**" if name in best[t] else text
+                cells_.append(text + (" †" if r["reached_min"] < t - 5e-3 else ""))
+            lines.append("| " + " | ".join(head if first else ["", "", ""]) + f" | {MATRIX_ROW_NAMES[name]} | "
+                         f"{unpruned:.1f} | " + " | ".join(cells_) + " |")
+            first = False
+    total = sum(len(targets) for _ in cells)
+    lines += ["", f"Best at S, counted over the {total} (cell, target) pairs (ties count for each): "
+              + ", ".join(f"{MATRIX_ROW_NAMES[n]} {k}" for n, k in wins.items() if any(
+                  n in c["summary"] for c in cells.values())) + "."]
+    aimed = [r for r in data["runs"] if r["method"] != "dense"]
+    if aimed:
+        lines += ["", "Each aimed training at its end: train top-1 (last epoch, with augmentation), α at the first and "
+                  "last epoch, the share of Σ|x| that pruning to S removes (the controller aims at ≤ τ = 0.02):", "",
+                  "| cell | method | S | seed | train top-1 | α first → last | share at the end | top-1 at S |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(aimed, key=lambda r: (r["cell"], MATRIX_ORDER.index(r["method"]), r["target"], r["seed"])):
+            alpha = [x for x in r.get("alpha") or [] if x is not None]
+            share = next((x for x in reversed(r.get("share") or []) if x is not None), None)
+            lines.append(f"| {r['cell']} | {r['method']} | {100 * r['target']:g}% | {r['seed']} | "
+                         f"{r['final_train_acc']:.1f} | "
+                         + (f"{alpha[0]:.3g} → {alpha[-1]:.3g}" if alpha else "–") + " | "
+                         + ("–" if share is None else f"{share:.3f}") + f" | {r['top1']:.1f} |")
+    if data.get("failures"):
+        lines += ["", f"{len(data['failures'])} training(s) failed and are left out:", ""]
+        lines += [f"- `{f.splitlines()[0][:300]}`" for f in data["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_matrix(path: str, cells: dict[str, Any], targets: Sequence[float], title: str = "") -> None:
+    """One panel per cell: top-1 at S against S for each method, the dense unpruned
+    accuracy dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(cells)
+    cols = min(3, len(keys)) or 1
+    rows = math.ceil(len(keys) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = {n: f"C{i}" for i, n in enumerate(MATRIX_ORDER)}
+    for ax, key in zip(axes.flat, keys):
+        s = cells[key]["summary"]
+        for name in MATRIX_ORDER:
+            if name in s:
+                pts = s[name]["rows"]
+                ax.plot([100 * r["target"] for r in pts], [r["top1"] for r in pts], marker="o", ms=4,
+                        color=colors[name], ls="--" if name.startswith("magnitude") else "-",
+                        label=MATRIX_ROW_NAMES[name])
+        if "dense" in s:
+            ax.axhline(s["dense"]["top1"], color="0.3", ls=":", lw=1.2, label="dense, unpruned")
+        c = cells[key]
+        ax.set_title(f"{c['dataset']} {c['size']}px, {c['arch']}, {c['steps']} steps", fontsize=9)
+        ax.set_xticks([100 * t for t in targets])
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("target sparsity S (%)", fontsize=8)
+        ax.set_ylabel("top-1 at S (%)", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_matrix(stem: Path) -> dict[str, Any]:
+    """Write ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (matrix mode)."""
+    data = json.loads(Path(str(stem) + ".json").read_text())
+    md = markdown_matrix(data)
+    with atomic_write(str(stem) + ".md", "w") as f:
+        f.write(md)
+    plot_matrix(str(stem) + ".png", data["cells"], data["targets"],
+                title=f"compare_methods.py --matrix {data['args']['preset']}: top-1 at the target sparsity")
+    print(md)
+    print(f"wrote {stem}.json, .md, .png")
+    return data
+
+
+def matrix_plan(args) -> tuple[list[Any], list[tuple]]:
+    plan = mx.cells(args.matrix_data[0], args.matrix_data[1], args.archs, args.budgets)
+    return plan, mx.jobs(plan, args.methods, args.target_sparsity, args.seeds)
+
+
+def print_plan(plan: Sequence[Any], jobs: Sequence[tuple], workers: int,
+               print_fn: Callable[[str], None] = print) -> float:
+    """The cells, their trainings and an estimate of the wall time: Σ steps × a forward,
+    backward and SGD step measured now on this machine (:func:`matrix.seconds_per_step`,
+    one thread) / ``workers``.  Evaluation, PILoT's extra optimizer work and the data
+    loading come on top.  Returns the estimate in seconds."""
+    per_step = {(c.arch, c.size): mx.seconds_per_step(c.arch, c.size) for c in plan}
+    print_fn(f"{'cell':<34} {'epochs':>6} {'steps':>6} {'trainings':>9} {'s/step':>7} {'est. min':>8}")
+    total = 0.0
+    for c in plan:
+        n = sum(1 for j in jobs if j[0] == c)
+        t = n * c.steps() * per_step[(c.arch, c.size)]
+        total += t
+        print_fn(f"{c.key:<34} {c.epochs():>6} {c.steps():>6} {n:>9} {per_step[(c.arch, c.size)]:>7.3f} {t / 60:>8.1f}")
+    wall = total / max(1, workers)
+    print_fn(f"{len(jobs)} trainings, {workers} at a time: about {wall / 3600:.1f} h of training steps "
+             f"({total / 3600:.1f} h on one core; evaluation and PILoT's optimizer work come on top)")
+    return wall
+
+
+def main_matrix(args, command: str) -> dict[str, Any]:
+    plan, jobs = matrix_plan(args)
+    root = Path(args.data_root)
+    print_plan(plan, jobs, args.jobs, print_fn=lambda s: print(s, flush=True))
+    if args.dry_run:
+        return {"plan": [c.key for c in plan], "jobs": len(jobs)}
+    for d, size in sorted({(c.dataset, c.size) for c in plan if c.arch != mx.DIGITS_ARCH}):
+        print(f"ImageFolder {mx.render_imagefolder(d, size, root)}", flush=True)
+    import torch
+
+    torch.set_num_threads(1)  # the layer-wise sweeps run in this process, beside --jobs trainings
+    t0 = time.perf_counter()
+
+    def write(results: list, failures: list, final: bool) -> Optional[Path]:
+        runs = [r for r in results if r is not None]
+        if not runs:
+            return None
+        return _write_results(argparse.Namespace(out=args.out, dataset=args.matrix), "matrix", {
+            "command": command,
+            "args": {"preset": args.matrix, "seeds": args.seeds, "methods": args.methods, "jobs": args.jobs,
+                     "datasets": args.matrix_data[0], "sizes": args.matrix_data[1], "archs": args.archs,
+                     "budgets": args.budgets},
+            "targets": args.target_sparsity, "train_flags": {c.key: c.flags(Path("DATA_ROOT")) for c in plan},
+            "cells": summarize_matrix(runs, plan, args.target_sparsity), "planned": len(jobs), "complete": final,
+            "runs": runs, "failures": failures, "wall_s": time.perf_counter() - t0,
+        })
+
+    def so_far(results: list, failures: list) -> None:
+        # The JSON and table after every finished training: a matrix that is stopped keeps what it measured.
+        stem = write(results, failures, final=False)
+        if stem is not None:
+            with atomic_write(str(stem) + ".md", "w") as f:
+                f.write(markdown_matrix(json.loads(Path(str(stem) + ".json").read_text())))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.keep_runs or tmp)
+        results, failures = run_all(jobs, lambda j: run_matrix_job(j, workdir, root, args.target_sparsity),
+                                    _describe_matrix, args.jobs, print_fn=lambda s: print(s, flush=True),
+                                    on_done=so_far)
+    stem = write(results, failures, final=True)
+    if stem is None:
+        raise SystemExit("every training failed:\n" + "\n\n".join(failures))
+    res = render_matrix(stem)
+    if failures:
+        print(f"{len(failures)} training(s) failed:\n" + "\n\n".join(failures), file=sys.stderr)
+    return res
+
+
 # ---------------------------------------------------------------------- command line
 def _targets(text: str) -> list[float]:
     try:
@@ -696,10 +1011,50 @@ def _dataset(text: str) -> str:
     return text
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2")
+
+
+def _matrix_main(p: argparse.ArgumentParser, args, argv) -> dict[str, Any]:
+    """--matrix: the preset's axes where no flag narrows them; every name checked before anything runs."""
+    if args.epochs is not None or args.dataset is not None:
+        p.error("--matrix sets the epochs from its budgets and the data from --datasets/--sizes: "
+                "leave out --epochs and --dataset")
+    preset = mx.PRESETS[args.matrix]
+    args.target_sparsity = args.target_sparsity or list(preset["targets"])
+    args.methods = args.methods or list(preset["methods"])
+    args.seeds = args.seeds or list(preset["seeds"])
+    datasets, sizes = args.datasets or list(preset["datasets"]), args.sizes or list(preset["sizes"])
+    args.archs = args.archs or list(preset["archs"])
+    args.budgets = args.budgets or list(preset["budgets"])
+    args.matrix_data = (datasets, sizes)
+    checks = [("methods", args.methods, list(TARGET_CONFIGS)), ("datasets", datasets, list(mx.DATASETS)),
+              ("budgets", args.budgets, list(mx.BUDGETS))]
+    for flag, given, choices in checks:
+        unknown = sorted(set(given) - set(choices))
+        if unknown:
+            p.error(f"--{flag}: unknown {unknown}; choose from {choices}")
+    if any(n < 8 for n in sizes):
+        p.error(f"--sizes {sizes}: give image sides of at least 8 pixels")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    stem = _stem(Path(args.out), "matrix", args.matrix)
+    if args.render_only:
+        if not Path(str(stem) + ".json").is_file():
+            p.error(f"--render-only: {stem}.json does not exist; run the matrix first")
+        return render_matrix(stem)
+    command = "python python/classification/compare_methods.py " + " ".join(
+        sys.argv[1:] if argv is None else list(argv))
+    return main_matrix(args, command)
+
+
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seeds", type=_ints, default=None, help="default 0,1,2 (--matrix: the preset's, 0)")
+    p.add_argument("--epochs", type=int, default=None, help="default 40 (not with --matrix: its budgets set them)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=None,
                    help=f"subset of {list(CONFIGS)} (target mode: of {list(TARGET_CONFIGS)}); default all")
     p.add_argument("--target-sparsity", type=_targets, default=None, metavar="S1,S2,...",
@@ -709,14 +1064,32 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel runs, one thread each (default: CPU cores)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--keep-runs", default=None, help="keep every run's output directory here")
+    g = p.add_argument_group("matrix mode (issue 19: does it generalize?)")
+    g.add_argument("--matrix", nargs="?", const="full", choices=list(mx.PRESETS), default=None,
+                   help="train the generalization matrix (python/classification/matrix.py); a preset picks its "
+                        "axes (default: full), the flags below and --target-sparsity/--methods/--seeds narrow them")
+    g.add_argument("--dry-run", action="store_true", help="--matrix: print the plan and its time estimate only")
+    g.add_argument("--datasets", type=lambda s: s.split(","), default=None, help=f"--matrix: of {list(mx.DATASETS)}")
+    g.add_argument("--sizes", type=_ints, default=None, help=f"--matrix: image sides, e.g. {','.join(map(str, mx.SIZES))}")
+    g.add_argument("--archs", type=lambda s: s.split(","), default=None, help=f"--matrix: e.g. {','.join(mx.ARCHS)}")
+    g.add_argument("--budgets", type=lambda s: s.split(","), default=None, help=f"--matrix: of {list(mx.BUDGETS)}")
+    g.add_argument("--data-root", default=str(mx.DEFAULT_ROOT), help="--matrix: where the ImageFolders are rendered")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the .md and .png from the existing .json (with --target-sparsity: the target-mode "
                         "files; their targets come from the .json)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give at least 1")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs {args.epochs}: give at least 1")
+    if args.matrix:
+        return _matrix_main(p, args, argv)
+    matrix_only = [f for f, v in (("--dry-run", args.dry_run), ("--datasets", args.datasets), ("--sizes", args.sizes),
+                                  ("--archs", args.archs), ("--budgets", args.budgets)) if v]
+    if matrix_only:
+        p.error(f"{', '.join(matrix_only)}: only with --matrix")
+    args.seeds = [0, 1, 2] if args.seeds is None else args.seeds
+    args.epochs = 40 if args.epochs is None else args.epochs
     target_mode = args.target_sparsity is not None
     if args.render_only:
         stem = _stem(Path(args.out), "target" if target_mode else "embedded", args.dataset)
