@@ -1,7 +1,7 @@
 """Hugging Face ``Trainer``: PILoT through ``optimizer_cls_and_kwargs``, and a callback
 that steps a static α schedule.
 
-Example (the README's; ``tests/test_integrations.py`` runs it)::
+Example (docs/frameworks.md's; ``tests/test_integrations.py`` runs it)::
 
     from transformers import Trainer, TrainingArguments
     from pilot_kernels import HarmonicAlpha, PILoT, param_groups

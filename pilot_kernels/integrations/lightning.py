@@ -1,6 +1,6 @@
 """PyTorch Lightning: a callback that steps an α schedule and logs α, L1 and sparsity.
 
-Example (the README's; ``tests/test_integrations.py`` runs it)::
+Example (docs/frameworks.md's; ``tests/test_integrations.py`` runs it)::
 
     import lightning.pytorch as pl
     from pilot_kernels import AdaptiveAlpha, PILoT, param_groups

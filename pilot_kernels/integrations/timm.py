@@ -1,6 +1,6 @@
 """timm: ``create_optimizer_v2(model, opt="pilot")`` after :func:`register`.
 
-Example (the README's; ``tests/test_integrations.py`` runs it)::
+Example (docs/frameworks.md's; ``tests/test_integrations.py`` runs it)::
 
     from timm.optim import create_optimizer_v2
     from pilot_kernels.integrations.timm import register
