@@ -462,15 +462,17 @@ def test_export_skips_a_model_at_chance(tmp_path):
     assert json.loads((tmp_path / "run" / "sweep.json").read_text())["best_within_1pt"]["sparsity"] < 1.0
 
 
-def test_a_target_run_at_chance_says_so_last_and_exits_3(tmp_path):
+def test_a_target_run_at_chance_says_so_last(tmp_path):
     """train.py as a script: a --target-sparsity run whose unpruned model guesses exports
-    nothing, ends on the reason (after the target line), keeps its checkpoint and
-    sweep.json, and exits with EXIT_NO_MODEL, so that a job script notices."""
+    nothing, ends on the reason (after the target line) and keeps its checkpoint and
+    sweep.json ("export": null).  It exits 0: its outputs are complete, and a comparison
+    of methods (compare_methods.py) records a collapsed run as a result."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(PYDIR / "train.py"), *FAST, "--image-size", "8", "--epochs", "1", "--method", "spred",
            "--alpha", "5", "--target-sparsity", "0.9", "--sweep-sparsities", "0,0.5", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=SUBPROCESS_ENV, cwd=str(ROOT))
-    assert proc.returncode == train.EXIT_NO_MODEL == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), SUBPROCESS_ENV["PYTHONPATH"]])}  # this pilot_kernels
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-2:]
     assert last[0].startswith("target sparsity 90% not reached: top-1 ")
     assert last[1].startswith("no sparse_model.pt: the unpruned model is no better than chance (top-1 ")
