@@ -470,11 +470,11 @@ def test_a_target_run_at_chance_says_so_last(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(PYDIR / "train.py"), *FAST, "--image-size", "8", "--epochs", "1", "--method", "spred",
            "--alpha", "5", "--target-sparsity", "0.9", "--sweep-sparsities", "0,0.5", "--output-dir", str(out)]
-    env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), SUBPROCESS_ENV["PYTHONPATH"]])}  # this pilot_kernels
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), SUBPROCESS_ENV["PYTHONPATH"]])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-2:]
-    assert last[0].startswith("target sparsity 90% not reached: top-1 ")
+    assert last[0].startswith("target sparsity 90% not reached: top-1 ") and "more than 1 below" not in last[0]
     assert last[1].startswith("no sparse_model.pt: the unpruned model is no better than chance (top-1 ")
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["export"] is None and "no better than chance" in sweep["export_skipped"]

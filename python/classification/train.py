@@ -493,7 +493,8 @@ def target_lines(target: Optional[dict[str, Any]], pick: Optional[dict[str, floa
           f"{target['top1_unpruned']:.2f}% ({drop:+.2f} points")
     if target["met"]:
         return [f"target sparsity {100 * s:g}%: {at})"]
-    lines = [f"target sparsity {100 * s:g}% not reached: {at}, more than 1 below unpruned)"]
+    below = ", more than 1 below unpruned" if drop < -1.0 else ""  # else not met for being at chance
+    lines = [f"target sparsity {100 * s:g}% not reached: {at}{below})"]
     if not skipped:
         lines.append(f"exported instead: {100 * pick['sparsity']:.2f}% sparse at {pick['top1']:.2f}% top-1, the "
                      "sparsest sweep point within 1 point of unpruned")
