@@ -232,7 +232,8 @@ def test_target_sparsity_exports_exactly_s_and_reports_it(tmp_path, method, caps
     """Two epochs with --target-sparsity 0.4: the controller multiplies α by grow = 1.5
     after epoch 1 (a fresh model is far from prunable: share > τ, and the accuracy rose
     from 0), every metrics line carries the share at S, the export is S sparse by
-    measurement, and sweep.json's "target" entry has top-1 at S next to unpruned."""
+    measurement (dense: not reached, and said so), and sweep.json's "target" entry has
+    top-1 at S next to unpruned."""
     alpha = {"pilot": ["--alpha", "2e-3"], "spred": ["--alpha", "1e-3"]}.get(method, [])
     res = run_train(tmp_path, "--method", method, "--epochs", "2", "--target-sparsity", str(TARGET), *alpha)
     args, out = res["args"], tmp_path / "run"
@@ -253,15 +254,23 @@ def test_target_sparsity_exports_exactly_s_and_reports_it(tmp_path, method, caps
     fresh = DigitsCNN()
     fresh.load_state_dict(sd, strict=True)
     measured = sparsity_report(fresh).sparsity
-    assert abs(measured - TARGET) <= 1 / 60688  # round(S·n) of the 60,688 weights are exact zeros
     target = json.loads((out / "sweep.json").read_text())["target"]
     row = next(r for r in res["sweep"] if r["target"] == TARGET)
+    assert target["top1_unpruned"] > chance_top1(10, 360)[1]  # above chance: the export happened
+    last = capsys.readouterr().out.strip().splitlines()
+    if method == "dense":
+        # Two epochs of SGD without α lose more than 1 point at 40% (and 50%): the run says
+        # so and exports the unpruned model, the sparsest sweep point within 1 point.
+        assert target == {"sparsity": TARGET, "top1": row["top1"], "top1_unpruned": res["sweep"][0]["top1"],
+                          "reached": row["sparsity"], "met": False}
+        assert res["export"]["sparsity"] == 0.0 and measured == pytest.approx(res["sweep"][0]["sparsity"], abs=1e-12)
+        assert last[-2].startswith("target sparsity 40% not reached: ") and last[-1].startswith("exported instead: ")
+        return
+    assert abs(measured - TARGET) <= 1 / 60688  # round(S·n) of the 60,688 weights are exact zeros
     assert target == {"sparsity": TARGET, "top1": row["top1"], "top1_unpruned": res["sweep"][0]["top1"],
                       "reached": pytest.approx(measured, abs=1e-12), "met": True}
-    assert target["top1_unpruned"] > chance_top1(10, 360)[1]  # above chance: the export happened
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith(f"target sparsity 40%: top-1 {row['top1']:.2f}% at {100 * measured:.2f}% sparse, "
-                           f"unpruned {res['sweep'][0]['top1']:.2f}%")
+    assert last[-1].startswith(f"target sparsity 40%: top-1 {row['top1']:.2f}% at {100 * measured:.2f}% sparse, "
+                               f"unpruned {res['sweep'][0]['top1']:.2f}%")
 
 
 def test_synthetic_target_mode_alpha0_from_the_steps(tmp_path, capsys):
@@ -453,17 +462,19 @@ def test_export_skips_a_model_at_chance(tmp_path):
     assert json.loads((tmp_path / "run" / "sweep.json").read_text())["best_within_1pt"]["sparsity"] < 1.0
 
 
-def test_a_target_run_at_chance_says_so_last_and_exits_3(tmp_path):
+def test_a_target_run_at_chance_says_so_last(tmp_path):
     """train.py as a script: a --target-sparsity run whose unpruned model guesses exports
-    nothing, ends on the reason (after the target line), keeps its checkpoint and
-    sweep.json, and exits with EXIT_NO_MODEL, so that a job script notices."""
+    nothing, ends on the reason (after the target line) and keeps its checkpoint and
+    sweep.json ("export": null).  It exits 0: its outputs are complete, and a comparison
+    of methods (compare_methods.py) records a collapsed run as a result."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(PYDIR / "train.py"), *FAST, "--image-size", "8", "--epochs", "1", "--method", "spred",
            "--alpha", "5", "--target-sparsity", "0.9", "--sweep-sparsities", "0,0.5", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV, cwd=str(ROOT))
-    assert proc.returncode == train.EXIT_NO_MODEL == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), SUBPROCESS_ENV["PYTHONPATH"]])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-2:]
-    assert last[0].startswith("target sparsity 90% not reached: top-1 ")
+    assert last[0].startswith("target sparsity 90% not reached: top-1 ") and "more than 1 below" not in last[0]
     assert last[1].startswith("no sparse_model.pt: the unpruned model is no better than chance (top-1 ")
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["export"] is None and "no better than chance" in sweep["export_skipped"]

@@ -25,8 +25,8 @@ global magnitude to each ``--sweep-sparsities`` point without fine-tuning (the p
 one-shot evaluation, appendix C.2) and the chosen one is exported as ``sparse_model.pt``,
 a plain state_dict with exact zeros: ``S`` of ``--target-sparsity S`` when top-1 there is
 within 1 point of unpruned, else the sparsest sweep point that is (the last lines say
-so).  A finished run that exports no model (the unpruned one is no better than chance,
-or keeps no weight) says why last and exits with status 3 (``EXIT_NO_MODEL``).
+so).  A run that exports no model (the unpruned one is no better than chance, or keeps
+no weight) says why in its last line; ``sweep.json`` then has ``"export": null``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import argparse
 import gc
 import math
 import os
-import sys
 import time
 from typing import Any, Optional
 
@@ -58,10 +57,6 @@ from methods import (ALPHA_SCHEDULES, METHODS, build_alpha_scheduler, build_opti
 from models import DIGITS_ARCH, PARAM_DTYPES, build_model, cast_params_, model_in_channels
 from pruning import Masks, snapshot, start_cycle
 from report import choose_export, format_table, plot_sweeps, sweep_rows, write_json
-
-# The exit status of a finished run that exports no model (argparse's errors exit 2, refused flags 1).
-EXIT_NO_MODEL = 3
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -500,7 +495,8 @@ def target_lines(target: Optional[dict[str, Any]], pick: Optional[dict[str, floa
           f"{target['top1_unpruned']:.2f}% ({drop:+.2f} points")
     if target["met"]:
         return [f"target sparsity {100 * s:g}%: {at})"]
-    lines = [f"target sparsity {100 * s:g}% not reached: {at}, more than 1 below unpruned)"]
+    below = ", more than 1 below unpruned" if drop < -1.0 else ""  # else not met for being at chance
+    lines = [f"target sparsity {100 * s:g}% not reached: {at}{below})"]
     if not skipped:
         lines.append(f"exported instead: {100 * pick['sparsity']:.2f}% sparse at {pick['top1']:.2f}% top-1, the "
                      "sparsest sweep point within 1 point of unpruned")
@@ -513,10 +509,7 @@ def n_weights(model: nn.Module) -> int:
 
 
 if __name__ == "__main__":
-    result = main()
-    status = EXIT_NO_MODEL if result.get("export_skipped") else 0
+    main()
     # The returned model (FSDP/DDP) holds the process group; collect it while the interpreter
     # is alive: a gloo group freed during interpreter shutdown can abort the process.
-    del result
     gc.collect()
-    sys.exit(status)
