@@ -131,6 +131,17 @@ class _L1Slots:
             buf.zero_()
             self.latest[d] = 0
 
+    def snapshot(self) -> tuple:
+        """The slots' values and indices, for :meth:`restore` (``sparsity.sweep`` keeps
+        them across its trial prunings: a recomputed sum could differ in the last bits)."""
+        return {d: b.clone() for d, b in self.slots.items()}, dict(self.latest)
+
+    def restore(self, snap: tuple) -> None:
+        slots, latest = snap
+        for d, b in slots.items():
+            self.slots[d].copy_(b)
+        self.latest.update(latest)
+
 
 class PILoT(Optimizer):
     r"""PILoT: sparsifying SGD on ``x = m ⊙ w`` with a time-varying weight decay α_t.

@@ -348,9 +348,8 @@ def sweep(
             saved.extend((state[k], state[k].clone()) for k in _PRUNED_STATE_KEYS if k in state)
     # PILoT's L1 slots are saved as they are, not recomputed afterwards: a fused backend
     # sums Σ|m·w| in its own order, so a recomputation could differ in the last bits.
-    l1_slots = getattr(optimizer, "_l1", {})
-    l1_latest = dict(getattr(optimizer, "_l1_latest", {}))
-    saved.extend((buf, buf.clone()) for buf in l1_slots.values())
+    l1 = getattr(optimizer, "_l1", None)
+    l1_saved = l1.snapshot() if l1 is not None else None
 
     results = []
     for s in sparsities:
@@ -362,8 +361,8 @@ def sweep(
             with torch.no_grad():
                 for tensor, copy in saved:
                     tensor.copy_(copy)
-            if l1_latest:
-                optimizer._l1_latest.update(l1_latest)
+            if l1_saved is not None:
+                l1.restore(l1_saved)
     return results
 
 
