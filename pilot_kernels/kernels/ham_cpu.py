@@ -1,5 +1,6 @@
 """The fused CPU backend of the HAM step (C++ in ``csrc/cpu/ham_step_cpu.cpp``, built just
-in time with :mod:`.cpu_build`'s flags, cached like the PILoT module).
+in time by a :class:`.cpu_build.JitExtension` like the PILoT module: in the background on
+first use, ``backend="auto"`` stepping with the reference meanwhile; cached afterwards).
 
 Per element, fp32 parameters: HAM-AdamW reads ``g, θ, m, v`` and writes ``θ, m, v`` (28
 bytes, what a fused AdamW moves), HAM-SGD with momentum reads ``g, θ, b`` and writes
@@ -11,68 +12,25 @@ Layout: constants → kernel (the C++ file, :func:`load_extension`) → launcher
 """
 from __future__ import annotations
 
-import threading
-from typing import Optional
-
 import torch
 
 from . import cpu_build, ham_reference
 from .ham_api import HamExtras, HamHparams, HamTensors
 from .layout import walkable
 
-__all__ = ["step", "load_extension", "available", "build_error"]
+__all__ = ["step", "ready", "load_extension", "available", "build_error"]
 
 # ----------------------------------------------------------------------- constants
-SOURCE = "cpu/ham_step_cpu.cpp"
 _BASE_CODE = {"none": 0, "adamw": 1, "sgd": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------- kernel
-_LOCK = threading.Lock()
-_EXT = None
-_ERROR: Optional[BaseException] = None  # a failed build, kept so it is never retried
+EXTENSION = cpu_build.JitExtension("pilot_kernels_ham_cpu", ("cpu/ham_step_cpu.cpp",), "HAM cpu")
 
-
-def _jit_load():
-    """cpu_build's toolchain check and flags, for this one source (folds into cpu_build)."""
-    from torch.utils import cpp_extension
-
-    cpu_build.check_toolchain()
-    cap = cpu_build.capability()
-    d = cpu_build.csrc_dir()
-    flags, ldflags = cpu_build.cxx_flags(cap), cpu_build.ld_flags()
-    digest = cpu_build.source_digest(d, (SOURCE,), (flags, ldflags, torch.__version__))
-    return cpp_extension.load(name=f"pilot_kernels_ham_cpu_{cap.lower()}_{digest}",
-                              sources=[str(d / SOURCE)], extra_cflags=flags,
-                              extra_ldflags=ldflags, verbose=False)
-
-
-def load_extension():
-    """The compiled module (built or loaded from the cache on the first call)."""
-    global _EXT, _ERROR
-    if _EXT is None:
-        with _LOCK:
-            if _EXT is None and _ERROR is None:
-                try:
-                    _EXT = _jit_load()
-                except Exception as e:  # no compiler, no ninja, a compile error, ...
-                    _ERROR = RuntimeError(f"building the HAM cpu extension failed ({e}); "
-                                          f"use backend='reference'")
-            if _EXT is None:
-                raise _ERROR
-    return _EXT
-
-
-def available() -> bool:
-    try:
-        load_extension()
-    except Exception:
-        return False
-    return True
-
-
-def build_error() -> Optional[BaseException]:
-    return _ERROR
+ready = EXTENSION.ready                  # loaded yet? never waits (backend="auto")
+load_extension = EXTENSION.load          # the module, waiting for its build
+available = EXTENSION.available          # can it run here? waits for the build
+build_error = EXTENSION.build_error      # why it could not be built, or None
 
 
 # ----------------------------------------------------------------------- launcher
