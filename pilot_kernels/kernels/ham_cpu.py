@@ -15,14 +15,12 @@ from __future__ import annotations
 import torch
 
 from . import cpu_build, ham_reference
-from .ham_api import HamExtras, HamHparams, HamTensors
-from .layout import walkable
+from .ham_api import HamExtras, HamHparams, HamTensors, kernel_groups
 
 __all__ = ["step", "ready", "load_extension", "available", "build_error"]
 
 # ----------------------------------------------------------------------- constants
 _BASE_CODE = {"none": 0, "adamw": 1, "sgd": 2}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------- kernel
 EXTENSION = cpu_build.JitExtension("pilot_kernels_ham_cpu", ("cpu/ham_step_cpu.cpp",), "HAM cpu")
@@ -53,10 +51,6 @@ def _launch(ext, t: HamTensors, h: HamHparams, e: HamExtras, momentum: bool) -> 
     torch.autograd.graph.increment_version(list(t.params) + list(state1 or []) + list(state2 or []))
 
 
-def _pick(seq, idx):
-    return None if seq is None else [seq[i] for i in idx]
-
-
 # ----------------------------------------------------------------------- public
 def step(t: HamTensors, h: HamHparams, e: HamExtras = HamExtras(), workspace: dict = None) -> None:
     """Fused HAM step; same contract as :func:`pilot_kernels.kernels.ham_reference.step`.
@@ -69,20 +63,10 @@ def step(t: HamTensors, h: HamHparams, e: HamExtras = HamExtras(), workspace: di
     if e.found_inf is not None and float(e.found_inf) != 0:
         return                                  # AMP: the step changes nothing
     momentum = h.base == "sgd" and h.momentum != 0
-    fused, slow = {}, []
-    for i, (p, g) in enumerate(zip(t.params, t.grads)):
-        state = []
-        if h.base == "adamw":
-            state = [t.exp_avgs[i], t.exp_avg_sqs[i]]
-        elif momentum:
-            state = [t.momentum_bufs[i]]
-        ok = (p.device.type == "cpu" and p.dtype in _DTYPES and g.dtype in _DTYPES
-              and all(s.dtype == torch.float32 for s in state) and walkable(p, g, *state))
-        (fused.setdefault(g.dtype, []) if ok else slow).append(i)
+    groups, rest = kernel_groups(t, h, device_type="cpu")
     ext = load_extension()
     e_kernel = e._replace(found_inf=None)
-    for idx in fused.values():
-        sub = HamTensors(*(_pick(seq, idx) for seq in t))
+    for sub in groups:
         _launch(ext, sub, h, e_kernel, momentum)
-    if slow:
-        ham_reference.step(HamTensors(*(_pick(seq, slow) for seq in t)), h, e_kernel)
+    if rest is not None:
+        ham_reference.step(rest, h, e_kernel)
