@@ -17,7 +17,7 @@ import torch
 
 from pilot_kernels import kernels
 from pilot_kernels.init import split
-from pilot_kernels.kernels import cpu_build, fused_cpu, reference
+from pilot_kernels.kernels import cpu_build, fused_cpu, ham_backends, ham_cpu, reference
 from pilot_kernels.kernels.api import StepExtras, StepHparams, StepTensors
 from helpers import OPTION_GRID, option_id
 
@@ -320,19 +320,26 @@ def test_no_version_bumps():
 
 
 # ---------------------------------------------------------------- the build
-@pytest.fixture
-def fresh_build(monkeypatch):
+# Both C++ CPU modules are loaded by one cpu_build.JitExtension each; auto asks ready().
+LOADERS = {"pilot": (fused_cpu, kernels.resolve_backend), "ham": (ham_cpu, ham_backends.resolve_backend)}
+
+
+@pytest.fixture(params=sorted(LOADERS))
+def fresh_build(request, monkeypatch):
     """A process that has not loaded the module yet, on a machine without a cached build;
     the fake build (``set_build``) runs whatever function the test gives, and ``ext`` is
-    the real module for it to return."""
-    ext = fused_cpu.load_extension()
+    the real module for it to return.  Yields (set_build, ext, the kernel's module, its
+    dispatcher's resolve_backend)."""
+    module, resolve = LOADERS[request.param]
+    jit = module.EXTENSION
+    ext = module.load_extension()
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    for name, value in (("_EXT", None), ("_ERROR", None), ("_BUILDER", None), ("_WARNED", False)):
-        monkeypatch.setattr(fused_cpu, name, value)
-    monkeypatch.setattr(cpu_build, "is_built", lambda cap=None: False)
-    yield lambda fn: monkeypatch.setattr(cpu_build, "jit_load", fn), ext
-    if fused_cpu._BUILDER is not None:
-        fused_cpu._BUILDER.join(timeout=30)
+    for name, value in (("_module", None), ("error", None), ("_builder", None), ("_warned", False)):
+        monkeypatch.setattr(jit, name, value)
+    monkeypatch.setattr(jit, "is_built", lambda cap=None: False)
+    yield lambda fn: monkeypatch.setattr(jit, "build", fn), ext, module, resolve
+    if jit._builder is not None:
+        jit._builder.join(timeout=30)
 
 
 def _notices(text):
@@ -342,65 +349,85 @@ def _notices(text):
 def test_first_auto_step_never_waits_for_the_build(fresh_build, capfd):
     """While the module compiles (here: a build that waits for the test's signal), auto
     resolves to the reference at once and says so in one line; once built, auto takes the
-    kernel, and the steps before and after agree with the reference bit for bit."""
-    set_build, ext = fresh_build
+    kernel."""
+    set_build, ext, module, resolve = fresh_build
     go = threading.Event()
     set_build(lambda: go.wait(30) and ext)
     cpu = torch.device("cpu")
     start = time.perf_counter()
-    picked = [kernels.resolve_backend("auto", cpu) for _ in range(3)]
+    picked = [resolve("auto", cpu) for _ in range(3)]
     assert time.perf_counter() - start < 1.0
     assert picked == ["reference"] * 3
     lines = _notices(capfd.readouterr().err)
-    assert lines == [fused_cpu.BUILDING_NOTICE]
+    assert lines == [module.EXTENSION.notice] and "in the background" in lines[0]
     go.set()
-    fused_cpu._BUILDER.join(timeout=30)
-    assert kernels.resolve_backend("auto", cpu) == "cpu"
-    assert kernels.get_step_fn("cpu") is fused_cpu.pilot_step
+    module.EXTENSION._builder.join(timeout=30)
+    assert resolve("auto", cpu) == "cpu"
+    assert module.ready() and module.load_extension() is ext
     assert _notices(capfd.readouterr().err) == []
 
 
+def test_pilot_notice_and_step_fn():
+    assert fused_cpu.BUILDING_NOTICE == fused_cpu.EXTENSION.notice
+    assert "fused cpu" in fused_cpu.BUILDING_NOTICE and "HAM cpu" in ham_cpu.EXTENSION.notice
+    assert kernels.get_step_fn("cpu") is fused_cpu.pilot_step
+
+
 def test_explicit_cpu_waits_for_the_background_build(fresh_build):
-    set_build, ext = fresh_build
+    set_build, ext, module, _ = fresh_build
     set_build(lambda: time.sleep(0.3) or ext)
-    assert not fused_cpu.ready()
+    assert not module.ready()
     start = time.perf_counter()
-    assert fused_cpu.load_extension() is ext
+    assert module.load_extension() is ext
     assert time.perf_counter() - start > 0.1
-    assert fused_cpu.ready() and fused_cpu.available()
+    assert module.ready() and module.available()
 
 
 def test_a_cached_build_is_loaded_at_once(fresh_build, monkeypatch, capfd):
-    set_build, ext = fresh_build
+    set_build, ext, module, resolve = fresh_build
     set_build(lambda: ext)
-    monkeypatch.setattr(cpu_build, "is_built", lambda cap=None: True)
-    assert fused_cpu.ready() and fused_cpu._BUILDER is None
+    monkeypatch.setattr(module.EXTENSION, "is_built", lambda cap=None: True)
+    assert resolve("auto", torch.device("cpu")) == "cpu"
+    assert module.ready() and module.EXTENSION._builder is None
     assert _notices(capfd.readouterr().err) == []
 
 
 def test_failed_build_falls_back_with_one_notice(fresh_build, capfd):
     """No compiler (simulated): auto uses the reference and warns once; explicit 'cpu'
-    raises the build's error, which names the fix."""
-    set_build, _ = fresh_build
+    raises the build's error, which names the fix, and the build is never retried."""
+    set_build, _, module, resolve = fresh_build
+    calls = []
 
     def no_compiler():
+        calls.append(1)
         raise RuntimeError("no C++ compiler 'c++' is on PATH: install one, or use backend='reference'")
 
     set_build(no_compiler)
     cpu = torch.device("cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert kernels.resolve_backend("auto", cpu) == "reference"
-        fused_cpu._BUILDER.join(timeout=30)
-        assert [kernels.resolve_backend("auto", cpu) for _ in range(3)] == ["reference"] * 3
+        assert resolve("auto", cpu) == "reference"
+        module.EXTENSION._builder.join(timeout=30)
+        assert [resolve("auto", cpu) for _ in range(3)] == ["reference"] * 3
     failures = [w for w in caught if "cpu backend is unavailable" in str(w.message)]
     assert len(failures) == 1 and "\n" not in str(failures[0].message)
     assert "no C++ compiler" in str(failures[0].message)
+    assert module.EXTENSION.label in str(failures[0].message)
     assert len(_notices(capfd.readouterr().err)) == 1  # the building line
-    assert not fused_cpu.available() and fused_cpu.build_error() is not None
+    assert not module.available() and module.build_error() is not None
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        module.load_extension()
+    assert calls == [1]
+
+
+def test_failed_build_leaves_the_pilot_step_untouched(monkeypatch):
+    monkeypatch.setattr(fused_cpu.EXTENSION, "_module", None)
+    monkeypatch.setattr(fused_cpu.EXTENSION, "error", RuntimeError("no compiler, or use backend='reference'"))
     st = _make([(4, 4)], torch.float32)
+    before = {k: [t.clone() for t in v] for k, v in st.items()}
     with pytest.raises(RuntimeError, match="backend='reference'"):
         fused_cpu.pilot_step(_tensors(st, [torch.randn(4, 4)], True), _hp(BASE), StepExtras(), {})
+    assert all(torch.equal(a, b) for k in st for a, b in zip(st[k], before[k]))
 
 
 def test_build_flags_are_portable_and_exact():
@@ -409,9 +436,13 @@ def test_build_flags_are_portable_and_exact():
         assert "-ffp-contract=off" in flags and "-O3" in flags
         assert not any(f.startswith("-march") or "fast-math" in f for f in flags)
         assert f"-DCPU_CAPABILITY={cap}" in flags
-        assert cap.lower() in cpu_build.jit_name(cap)
-    assert cpu_build.jit_name("AVX2") != cpu_build.jit_name("AVX512")
+        for jit in (fused_cpu.EXTENSION, ham_cpu.EXTENSION):
+            assert cap.lower() in jit.name(cap) and jit.name(cap).startswith(jit.prefix + "_")
+    for jit in (fused_cpu.EXTENSION, ham_cpu.EXTENSION):
+        assert jit.name("AVX2") != jit.name("AVX512")
+    assert fused_cpu.EXTENSION.name() != ham_cpu.EXTENSION.name()
     ext = fused_cpu.load_extension()
     assert ext is fused_cpu.load_extension()  # loaded once per process
     assert ext.capability() == cpu_build.capability()
-    assert cpu_build.is_built()
+    assert ham_cpu.load_extension() is ham_cpu.load_extension()
+    assert fused_cpu.EXTENSION.is_built() and ham_cpu.EXTENSION.is_built()

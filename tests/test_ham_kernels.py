@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pilot_kernels.kernels import ham_reference
-from pilot_kernels.kernels.ham_api import HamExtras, HamHparams, HamTensors, adamw_scalars
+from pilot_kernels.kernels.ham_api import HamExtras, HamHparams, HamTensors, adamw_scalars, kernel_groups
 from pilot_kernels.kernels.ham_backends import run_step
 
 from conftest import KERNEL_DEVICES
@@ -148,6 +148,32 @@ def test_unwalkable_tensors_go_to_the_reference(backend):
         return p, st
 
     _assert_equal(run(backend), run("reference"))
+
+
+def test_kernel_groups_cut_a_call_by_gradient_dtype_and_walkability():
+    """What both fused backends hand their kernel: one group per gradient dtype, in order,
+    and everything they cannot walk (another layout, non-fp32 state, fp64, another
+    device type) for the reference."""
+    p = [torch.zeros(3, 4, dtype=torch.bfloat16) for _ in range(4)] + [torch.zeros(4, 3).t(),
+                                                                        torch.zeros(5, dtype=torch.float64)]
+    g = [torch.zeros(3, 4, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)]
+    g += [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64)]
+    bufs = [torch.zeros(3, 4) for _ in range(3)] + [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4),
+                                                   torch.zeros(5, dtype=torch.float64)]
+    t = HamTensors(p, g, momentum_bufs=bufs, firsts=[True] * 6)
+    h = HamHparams(base="sgd", momentum=0.9)
+    groups, rest = kernel_groups(t, h)
+    assert [[id(x) for x in sub.params] for sub in groups] == [[id(p[0]), id(p[2])], [id(p[1])]]
+    assert [g_.dtype for sub in groups for g_ in sub.grads] == [torch.float32, torch.float32, torch.bfloat16]
+    assert all(sub.exp_avgs is None and len(sub.firsts) == len(sub.params) for sub in groups)
+    assert [id(x) for x in rest.params] == [id(p[3]), id(p[4]), id(p[5])]
+    assert [id(b) for b in rest.momentum_bufs] == [id(bufs[3]), id(bufs[4]), id(bufs[5])]
+    # Without momentum the buffers are not state: p[3] is then walkable.
+    groups, rest = kernel_groups(t, h._replace(momentum=0.0))
+    assert sum(len(sub.params) for sub in groups) == 4 and len(rest.params) == 2
+    groups, rest = kernel_groups(t, h, device_type="cuda")
+    assert groups == [] and len(rest.params) == 6
+    assert kernel_groups(HamTensors(p[:1], g[:1], momentum_bufs=bufs[:1]), h)[1] is None
 
 
 @pytest.mark.parametrize("torch_opt,opts", [

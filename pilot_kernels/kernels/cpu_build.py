@@ -1,9 +1,17 @@
-"""How the fused CPU step in ``csrc/cpu/`` is built: just in time, once per machine type.
+"""How the C++ CPU kernels in ``csrc/cpu/`` are built: just in time, once per machine type.
 
-:func:`jit_load` compiles ``csrc/cpu/pilot_step_cpu.cpp`` with the host C++ compiler
-through ``torch.utils.cpp_extension.load`` (ninja), cached in torch's extensions directory
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): the first call on a
+Two modules are built this way, PILoT's step (``cpu/pilot_step_cpu.cpp``,
+:mod:`.fused_cpu`) and HAM's (``cpu/ham_step_cpu.cpp``, :mod:`.ham_cpu`); each holds one
+:class:`JitExtension`, which compiles its sources with the host C++ compiler through
+``torch.utils.cpp_extension.load`` (ninja), cached in torch's extensions directory
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): the first use on a
 machine compiles (tens of seconds), every later process loads the cached module.
+
+:meth:`JitExtension.ready` (what ``backend="auto"`` asks) never waits for that compile:
+its first call loads a cached build at once, or starts the build in a background thread
+and prints one line saying so; ``auto`` steps with the bitwise-equal reference meanwhile.
+:meth:`JitExtension.load` (an explicit ``backend="cpu"``) waits for the build.  A failed
+build is remembered, never retried in the process, and announced by one warning.
 
 Vector width follows torch's own runtime dispatch: the kernel is compiled for
 :func:`capability` (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or the
@@ -16,25 +24,26 @@ level and never hands AVX-512 code to a CPU without it.
 per operation, so the compiler may not fuse a multiply and an add (x86-64 has no excess
 precision to worry about beyond that).
 
-Importing this module needs only torch; nothing is compiled until :func:`jit_load` runs,
-and :func:`is_built` tells, without building, whether it would compile or only load.
+Importing this module needs only torch; nothing is compiled until a build is asked for,
+and :meth:`JitExtension.is_built` tells, without building, whether it would compile or
+only load.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import sys
+import threading
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from .cuda_build import check_max_jobs, cxx_std, source_digest
 
-__all__ = ["SOURCES", "csrc_dir", "capability", "cxx_flags", "ld_flags", "check_toolchain",
-           "jit_name", "is_built", "jit_load"]
-
-#: Compiled sources, relative to ``csrc/``.
-SOURCES = ("cpu/pilot_step_cpu.cpp",)
+__all__ = ["csrc_dir", "capability", "cxx_flags", "ld_flags", "check_toolchain", "JitExtension"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../pilot_kernels
 _CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "_csrc")  # checkout, then wheel
@@ -48,13 +57,14 @@ _CAPABILITY_FLAGS = {
 }
 
 
-def csrc_dir() -> Path:
-    """The directory holding ``cpu/pilot_step_cpu.cpp`` (checkout first, then the install)."""
+def csrc_dir(sources: Sequence[str]) -> Path:
+    """The directory holding ``sources`` (paths relative to ``csrc/``): checkout first,
+    then the install."""
     for d in _CANDIDATES:
-        if all((d / f).is_file() for f in SOURCES):
+        if all((d / f).is_file() for f in sources):
             return d
     raise RuntimeError(
-        f"the C++ sources of the cpu backend ({', '.join(SOURCES)}) are in none of "
+        f"the C++ sources of the cpu backend ({', '.join(sources)}) are in none of "
         f"{[str(d) for d in _CANDIDATES]}; reinstall pilot_kernels from a full checkout, {_FIX}"
     )
 
@@ -96,47 +106,140 @@ def check_toolchain() -> None:
         raise RuntimeError(f"building the cpu backend needs ninja: pip install ninja, {_FIX}")
 
 
-def jit_name(cap: Optional[str] = None) -> str:
-    """Module name: changes with the source, flags, torch and capability, so a stale or
-    foreign build is never loaded."""
-    cap = capability() if cap is None else cap
-    digest = source_digest(csrc_dir(), SOURCES, (cxx_flags(cap), ld_flags(), torch.__version__))
-    return f"pilot_kernels_cpu_{cap.lower()}_{digest}"
+class JitExtension:
+    """One C++ CPU module built just in time, loaded at most once per process.
 
+    ``prefix`` starts the module's name, ``sources`` are relative to ``csrc/`` and
+    ``label`` names the backend in messages ("fused cpu": "the fused cpu backend").
+    """
 
-def is_built(cap: Optional[str] = None) -> bool:
-    """Whether this machine's extensions cache holds the module already, so that
-    :func:`jit_load` only loads it (a moment) instead of compiling (tens of seconds)."""
-    from torch.utils import cpp_extension
-
-    try:
-        name = jit_name(cap)
-    except RuntimeError:  # no sources: jit_load will say so
-        return False
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
-
-
-def jit_load(verbose: Optional[bool] = None):
-    """Build (first call on a machine) or load (cached) the module."""
-    from torch.utils import cpp_extension
-
-    check_toolchain()
-    check_max_jobs()
-    if verbose is None:
-        verbose = os.environ.get("PILOT_CPU_VERBOSE", "0") == "1"
-    cap = capability()
-    d = csrc_dir()
-    try:
-        return cpp_extension.load(
-            name=jit_name(cap),
-            sources=[str(d / f) for f in SOURCES],
-            extra_cflags=cxx_flags(cap),
-            extra_ldflags=ld_flags(),
-            verbose=verbose,
+    def __init__(self, prefix: str, sources: Sequence[str], label: str):
+        self.prefix, self.sources, self.label = prefix, tuple(sources), label
+        self.notice = (
+            f"pilot_kernels: compiling the {label} backend in the background (first use on "
+            f"this machine, cached afterwards); the reference backend, bitwise equal, steps "
+            f"meanwhile"
         )
-    except Exception as e:  # torch raises RuntimeError / subprocess errors with the log
-        raise RuntimeError(
-            f"building the pilot_kernels cpu extension failed ({e}); rerun with "
-            f"PILOT_CPU_VERBOSE=1 for the compiler output, {_FIX}"
-        ) from e
+        self.error: Optional[BaseException] = None  # a failed build, kept: never retried
+        self._module = None
+        self._lock = threading.Lock()
+        self._builder: Optional[threading.Thread] = None  # the background build, once started
+        self._warned = False  # the failed-build warning is given once per process
+
+    # ------------------------------------------------------------- the cache
+    def name(self, cap: Optional[str] = None) -> str:
+        """Module name: changes with the sources, flags, torch and capability, so a stale
+        or foreign build is never loaded."""
+        cap = capability() if cap is None else cap
+        digest = source_digest(csrc_dir(self.sources), self.sources,
+                               (cxx_flags(cap), ld_flags(), torch.__version__))
+        return f"{self.prefix}_{cap.lower()}_{digest}"
+
+    def is_built(self, cap: Optional[str] = None) -> bool:
+        """Whether this machine's extensions cache holds the module already, so that
+        :meth:`build` only loads it (a moment) instead of compiling (tens of seconds)."""
+        from torch.utils import cpp_extension
+
+        try:
+            name = self.name(cap)
+        except RuntimeError:  # no sources: build() will say so
+            return False
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
+
+    def build(self, verbose: Optional[bool] = None):
+        """Compile (first call on a machine) or load (cached) the module, in this thread."""
+        from torch.utils import cpp_extension
+
+        check_toolchain()
+        check_max_jobs()
+        if verbose is None:
+            verbose = os.environ.get("PILOT_CPU_VERBOSE", "0") == "1"
+        cap = capability()
+        d = csrc_dir(self.sources)
+        try:
+            return cpp_extension.load(
+                name=self.name(cap),
+                sources=[str(d / f) for f in self.sources],
+                extra_cflags=cxx_flags(cap),
+                extra_ldflags=ld_flags(),
+                verbose=verbose,
+            )
+        except Exception as e:  # torch raises RuntimeError / subprocess errors with the log
+            raise RuntimeError(
+                f"building the pilot_kernels {self.label} extension failed ({e}); rerun with "
+                f"PILOT_CPU_VERBOSE=1 for the compiler output, {_FIX}"
+            ) from e
+
+    # ------------------------------------------------------------- the module
+    def _run_build(self) -> None:
+        try:
+            self._module = self.build()
+        except Exception as e:  # no compiler, no ninja, a compile error, ...
+            self.error = e
+
+    def _finish_at_exit(self) -> None:
+        # Older torch versions lock a build with a file whose mere existence blocks
+        # (FileBaton): a build cut off at exit would leave it behind and every later
+        # process waiting on it, so the interpreter finishes the build (then cached).
+        if self._builder is not None and self._builder.is_alive():
+            print(f"pilot_kernels: finishing the {self.label} build before exiting, so that "
+                  f"later processes find it cached", file=sys.stderr, flush=True)
+            self._builder.join()
+
+    def ready(self) -> bool:
+        """Whether the module is loaded, never waiting for a compile (``backend="auto"``).
+
+        The first call loads a cached build at once, or starts the build in a background
+        thread and prints :attr:`notice` to stderr; until the build is done (and for good
+        after a failed one, announced by one warning) this returns False.
+        """
+        if self._module is not None:
+            return True
+        if self.error is None and self._builder is None:
+            with self._lock:
+                if self._module is None and self.error is None and self._builder is None:
+                    if self.is_built():
+                        self._run_build()  # only a load
+                    else:
+                        self._builder = threading.Thread(
+                            target=self._run_build, name=f"{self.prefix}-build", daemon=True)
+                        atexit.register(self._finish_at_exit)
+                        print(self.notice, file=sys.stderr, flush=True)
+                        self._builder.start()
+        if self.error is not None and not self._warned:
+            self._warned = True
+            reason = (str(self.error).strip().splitlines() or ["unknown error"])[0]
+            warnings.warn(
+                f"pilot_kernels: the {self.label} backend is unavailable, using the "
+                f"reference backend instead ({reason})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return self._module is not None
+
+    def load(self):
+        """The compiled module, built or loaded on the first call (waiting for a background
+        build that :meth:`ready` started); raises the build's RuntimeError (the same one on
+        every later call) when it cannot be built."""
+        if self._module is None:
+            if self._builder is not None:
+                self._builder.join()
+            with self._lock:
+                if self._module is None and self.error is None:
+                    self._run_build()
+            if self._module is None:
+                raise self.error
+        return self._module
+
+    def available(self) -> bool:
+        """Whether the module can run here (waits for the build on the first call)."""
+        try:
+            self.load()
+        except Exception:
+            return False
+        return True
+
+    def build_error(self) -> Optional[BaseException]:
+        """Why the module could not be built, or None."""
+        return self.error

@@ -23,9 +23,14 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from .layout import walkable
+
 Scalar = Union[float, Tensor]  # a float, or a 0-dim fp32 tensor on the step's device
 
 BASES = ("none", "adamw", "sgd")
+
+#: Parameter and gradient dtypes the fused HAM kernels step.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class HamTensors(NamedTuple):
@@ -84,3 +89,27 @@ def adamw_scalars(lr: Scalar, beta1: float, beta2: float, weight_decay: float,
     step_size = lr / (1 - torch.pow(beta1, step))
     bc2_sqrt = (1 - torch.pow(beta2, step)) ** 0.5
     return decay.float(), step_size.float(), bc2_sqrt.float()
+
+
+def kernel_groups(t: HamTensors, h: HamHparams, device_type: Optional[str] = None) -> tuple:
+    """A call cut for a fused kernel: ``(groups, rest)``, one :class:`HamTensors` per
+    gradient dtype of the entries it can walk (parameter and gradient of
+    :data:`KERNEL_DTYPES`, fp32 state laid out like the parameter, on ``device_type`` where
+    given), and the other entries for the reference (None when there are none)."""
+    momentum = h.base == "sgd" and h.momentum != 0
+    fused, rest = {}, []
+    for i, (p, g) in enumerate(zip(t.params, t.grads)):
+        state = []
+        if h.base == "adamw":
+            state = [t.exp_avgs[i], t.exp_avg_sqs[i]]
+        elif momentum:
+            state = [t.momentum_bufs[i]]
+        ok = ((device_type is None or p.device.type == device_type)
+              and p.dtype in KERNEL_DTYPES and g.dtype in KERNEL_DTYPES
+              and all(s.dtype == torch.float32 for s in state) and walkable(p, g, *state))
+        (fused.setdefault(g.dtype, []) if ok else rest).append(i)
+
+    def pick(idx):
+        return HamTensors(*(None if seq is None else [seq[i] for i in idx] for seq in t))
+
+    return [pick(idx) for idx in fused.values()], (pick(rest) if rest else None)

@@ -11,15 +11,15 @@ cannot walk itself.
 * ``cpu``       — the fused, multithreaded C++ step in ``csrc/cpu/ham_step_cpu.cpp``
   (``ham_cpu``), built on first use.
 
-``auto`` picks ``triton`` for CUDA tensors, ``cpu`` for CPU tensors where the C++ module
-builds (else ``reference``, with one warning per process), and ``reference`` otherwise.
-This mirrors :mod:`pilot_kernels.kernels`' dispatcher for the PILoT step, which it is
-meant to fold into.
+``auto`` picks ``triton`` for CUDA tensors; for CPU tensors ``cpu`` once its module is
+loaded (``ham_cpu.ready()``, which never waits: its first call starts a background build
+and says so in one line), ``reference`` until then and, with one warning, for good when
+the build fails; ``reference`` otherwise.  This mirrors :mod:`pilot_kernels.kernels`'
+dispatcher for the PILoT step, which it is meant to fold into.
 """
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Optional
 
 import torch
@@ -35,7 +35,6 @@ _MODULES = {
     "cpu": "pilot_kernels.kernels.ham_cpu",
 }
 _LOADED: dict = {}
-_CPU_OK: Optional[bool] = None
 
 
 def check_backend_name(name: str) -> None:
@@ -50,25 +49,13 @@ def _module(name: str):
     return module
 
 
-def _cpu_available() -> bool:
-    global _CPU_OK
-    if _CPU_OK is None:
-        mod = _module("cpu")
-        _CPU_OK = mod.available()
-        if not _CPU_OK:
-            reason = (str(mod.build_error()).strip().splitlines() or ["unknown error"])[0]
-            warnings.warn(f"pilot_kernels: the fused cpu HAM backend is unavailable, using the "
-                          f"reference backend instead ({reason})", RuntimeWarning, stacklevel=4)
-    return _CPU_OK
-
-
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for ``name`` on ``device`` (resolving ``auto``)."""
     check_backend_name(name)
     if name == "auto":
         if device.type == "cuda":
             return "triton"
-        return "cpu" if device.type == "cpu" and _cpu_available() else "reference"
+        return "cpu" if device.type == "cpu" and _module("cpu").ready() else "reference"
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors but got a {device.type} tensor; use "
                          f"backend='auto' or 'reference' (or set TRITON_INTERPRET=1 to run the "

@@ -27,8 +27,7 @@ from torch import Tensor
 
 from . import ham_reference, triton_interpreting
 from .fused_triton import _round_to_bf16_rne
-from .ham_api import HamExtras, HamHparams, HamTensors
-from .layout import walkable
+from .ham_api import HamExtras, HamHparams, HamTensors, kernel_groups
 
 # ----------------------------------------------------------------------- constants
 # Elements per program: 1024 fp32 elements with 4 warps give each thread 8 per stream.
@@ -45,7 +44,6 @@ ROW = tl.constexpr(len(COLUMNS))
 _P, _G, _S1, _S2, _NUMEL, _BLOCK_BEGIN, _FIRST = (tl.constexpr(i) for i in range(len(COLUMNS)))
 
 _BASE_CODE = {"none": 0, "adamw": 1, "sgd": 2}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _C = ham_reference.EXP_CONSTANTS
 LOG2E = tl.constexpr(_C["log2e"])
@@ -230,10 +228,6 @@ def _launch(t: HamTensors, h: HamHparams, e: HamExtras, momentum: bool) -> None:
     torch.autograd.graph.increment_version(list(t.params) + list(state))
 
 
-def _pick(seq, idx):
-    return None if seq is None else [seq[i] for i in idx]
-
-
 # ----------------------------------------------------------------------- public
 def step(t: HamTensors, h: HamHparams, e: HamExtras = HamExtras(), workspace: dict = None) -> None:
     """Fused HAM step; same contract as :func:`pilot_kernels.kernels.ham_reference.step`.
@@ -243,17 +237,8 @@ def step(t: HamTensors, h: HamHparams, e: HamExtras = HamExtras(), workspace: di
     if not t.params:
         return
     momentum = h.base == "sgd" and h.momentum != 0
-    fused, slow = {}, []
-    for i, (p, g) in enumerate(zip(t.params, t.grads)):
-        state = []
-        if h.base == "adamw":
-            state = [t.exp_avgs[i], t.exp_avg_sqs[i]]
-        elif momentum:
-            state = [t.momentum_bufs[i]]
-        ok = (p.dtype in _DTYPES and g.dtype in _DTYPES
-              and all(s.dtype == torch.float32 for s in state) and walkable(p, g, *state))
-        (fused.setdefault(g.dtype, []) if ok else slow).append(i)
-    for idx in fused.values():
-        _launch(HamTensors(*(_pick(seq, idx) for seq in t)), h, e, momentum)
-    if slow:
-        ham_reference.step(HamTensors(*(_pick(seq, slow) for seq in t)), h, e)
+    groups, rest = kernel_groups(t, h)
+    for sub in groups:
+        _launch(sub, h, e, momentum)
+    if rest is not None:
+        ham_reference.step(rest, h, e)
