@@ -58,19 +58,24 @@ def test_plain_tensors_have_sgds_state_dict(momentum):
 
 # ------------------------------------------------------------------ exact split
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_a_step_with_nothing_to_do_is_a_no_op(backend, dtype, monkeypatch):
-    """Zero gradients and α = weight_decay = 0: the first step writes x back bit for bit
-    wherever a pair (m, w) with fl(m·w) = x exists (every entry at an init scale)."""
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.0), (torch.float32, 0.05), (torch.bfloat16, 1.0),
+                                         (torch.float16, 1.0)], ids=["fp32", "fp32-small", "bf16", "fp16"])
+def test_a_step_with_nothing_to_do_is_a_no_op(backend, dtype, scale, monkeypatch):
+    """Zero gradients and α = weight_decay = 0: every step writes x back bit for bit
+    wherever a pair (m, w) with fl(m·w) = x exists (for N(0, 1) entries at β = 1 the
+    closed form alone misses ~9% of them; the split's ulp nudges find all but ~0.3%)."""
     backend = _backend(backend, monkeypatch)
     torch.manual_seed(0)
-    x = nn.Parameter((torch.randn(33, 7) * 0.05).to(dtype))
+    x = nn.Parameter((torch.randn(33, 7) * scale).to(dtype))
     before = x.detach().clone()
+    m, w = split(before, 1.0)
+    exact = (m * w).to(dtype) == before
+    assert exact.float().mean() > 0.99
     opt = PILoT([x], lr=0.1, momentum=0.9, backend=backend)
     for _ in range(2):
         x.grad = torch.zeros_like(x)
         opt.step()
-        assert torch.equal(x.detach(), before)
+        assert torch.equal(x.detach()[exact], before[exact])
 
 
 def test_the_exact_split_share_is_reported_and_nudges_stay_tiny():
