@@ -60,6 +60,42 @@ def _with_grads(params: list, states: list) -> tuple[list, list, list]:
     return params, grads, states
 
 
+def _gather_traced(t: "_GroupTensors", momentum: bool) -> tuple:
+    """:meth:`PILoT._gather`'s lists from plain loops, for ``torch.compile`` (Dynamo
+    traces no ``map`` over ``operator.itemgetter``)."""
+    plain: tuple = ([], [], [], [])
+    for p, s in zip(t.dense, t.dense_states):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise sparse_error(p)
+        plain[0].append(p)
+        plain[1].append(p.grad)
+        if momentum:
+            plain[2].append(s[_SGD_MOMENTUM_KEY])
+            plain[3].append(not s[_STARTED])
+    buckets: dict = {}
+    for p, s in zip(t.splits, t.split_states):
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise sparse_error(p)
+        x = _local(p)
+        ps, lists = buckets.setdefault((x.device, x.dtype), ([], [[], [], [], [], [] if momentum else None,
+                                                                  [] if momentum else None, []]))
+        ps.append(p)
+        lists[0].append(x)
+        lists[1].append(_local(g))
+        lists[2].append(_local(s["m"]))
+        lists[3].append(_local(s["w"]))
+        if momentum:
+            lists[4].append(_local(s["momentum_m"]))
+            lists[5].append(_local(s["momentum_w"]))
+        lists[6].append(not s[_STARTED] if momentum else True)
+    return plain, buckets
+
+
 class _GroupTensors:
     """A group's tensors as the gather reads them: plain and reparameterized ones with
     their state dicts (kept while the group's tensor list and the optimizer's state dict
@@ -508,11 +544,11 @@ class PILoT(Optimizer):
         (per-tensor state lookups would cost more than the rest of the gather), and the
         layout of every reparameterized ``x`` and ``m`` checked in one call."""
         params, state = group["params"], self.state
+        if torch.compiler.is_compiling():  # Dynamo guards on the tensors itself
+            return _GroupTensors(params, state, self.is_reparameterized)
         t = self._group_tensors.get(gi)
         if t is None or t.params is not params or t.n != len(params) or t.state is not state:
-            t = _GroupTensors(params, state, self.is_reparameterized)
-            if not torch.compiler.is_compiling():
-                self._group_tensors[gi] = t
+            t = self._group_tensors[gi] = _GroupTensors(params, state, self.is_reparameterized)
         xs = list(map(_local, t.splits)) if self._sharded else t.splits
         ms = [_local(s["m"]) for s in t.split_states] if self._sharded else list(map(_M, t.split_states))
         if t.guard is None or not t.guard.check(xs + ms):
@@ -533,6 +569,8 @@ class PILoT(Optimizer):
         self._check_group(gi, group)
         momentum = group["momentum"] != 0
         t = self._tensors(gi, group)
+        if torch.compiler.is_compiling():
+            return _gather_traced(t, momentum)
 
         params, grads, states = _with_grads(t.dense, t.dense_states)
         if momentum and params:
