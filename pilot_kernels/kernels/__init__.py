@@ -164,8 +164,9 @@ class _Partition:
         self.n = len(t.xs)
         self.guard = LayoutGuard([u for s in _streams(t) for u in s])
 
-    def holds_for(self, t: StepTensors) -> bool:
-        return len(t.xs) == self.n and self.guard.check([u for s in _streams(t) for u in s])
+    def holds_for(self, t: StepTensors, flat: list) -> bool:
+        """``flat``: every tensor of ``t``, stream by stream."""
+        return len(t.xs) == self.n and self.guard.check(flat)
 
     def __reduce__(self):
         # A copied or pickled workspace holds no partition: the next call makes one.
@@ -210,8 +211,9 @@ def run_step(backend: str, t: StepTensors, h: StepHparams, e: StepExtras = StepE
         return
     if workspace is None:
         workspace = {}
+    flat = [u for s in _streams(t) for u in s]  # every tensor of the call, guarded and bumped
     part = workspace.get("partition")
-    if part is None or not part.holds_for(t):
+    if part is None or not part.holds_for(t, flat):
         part = workspace["partition"] = _Partition(t)
     module = _module(name)
     clear = e.l1_clear
@@ -219,6 +221,6 @@ def run_step(backend: str, t: StepTensors, h: StepHparams, e: StepExtras = StepE
         sub = t if len(idx) == part.n else _pick(t, idx)
         module.pilot_step(sub, h, e._replace(l1_clear=clear), workspace.setdefault((name, g_dtype), {}))
         clear = None
-        _bump_versions([u for s in _streams(sub) for u in s])
+        _bump_versions(flat if sub is t else [u for s in _streams(sub) for u in s])
     if part.rest:
         reference.pilot_step(_pick(t, part.rest), h, e._replace(l1_clear=clear))
