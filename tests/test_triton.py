@@ -85,15 +85,17 @@ def test_written_elements_are_kept_and_the_rest_unchanged(device, dtype, beta):
     step("triton", s, zeros, h, workspace={})
     step("reference", ref, zeros, h)
     assert_states_equal(s, ref)
+    n_exact = n_all = 0
     for i, x in enumerate(s["xs"]):
         m, w = split(target[i], beta)
         exact = (m * w).to(dtype) == target[i]
-        assert exact.float().mean() > (0.99 if beta else 0.4)
+        n_exact, n_all = n_exact + int(exact.sum()), n_all + exact.numel()
         assert torch.equal(x[exact], target[i][exact])
         new = written[i]
         assert torch.equal(s["ms"][i][new], m[new]) and torch.equal(s["ws"][i][new], w[new])
         assert torch.equal(s["ms"][i][~new], before["ms"][i][~new])
         assert torch.equal(s["ws"][i][~new], before["ws"][i][~new])
+    assert n_exact / n_all > (0.99 if beta else 0.4)  # over all entries: one tiny tensor may miss one
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

@@ -49,12 +49,14 @@ from .api import StepExtras, StepHparams, StepTensors
 from .layout import ALIGNMENT, walkable
 
 # ----------------------------------------------------------------------- constants
-# Elements per program.  The step is memory bound (44 B/element); 2048 fp32 elements
-# with 8 warps give each thread 8 elements per stream: two 4-element vector accesses
-# (16 bytes each for fp32).
-# These values have not yet been tuned by measurement on a GPU.
-BLOCK_SIZE = 2048
-NUM_WARPS = 8
+# Elements per program.  The step is memory bound (44 B/element); 512 fp32 elements
+# with 4 warps give each thread 4 elements per stream: one 16-byte vector access.  The
+# in-pass re-split keeps every lane's values live, so larger programs spill: 2048 with 8
+# warps took 138–169 registers on sm_90 with Triton 3.6, 1024 a stack frame in one
+# variant; 512 takes 72–96 with both Triton 3.6 and 3.8 (docs/kernels.md).
+# Not yet tuned by measurement on a GPU.
+BLOCK_SIZE = 512
+NUM_WARPS = 4
 
 # No @triton.autotune: autotuning replays the launch while benchmarking configs, and
 # this kernel updates its inputs in place, so a replay would apply the step twice.
