@@ -35,7 +35,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import __version__
 from . import _measure as bench
